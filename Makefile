@@ -1,0 +1,34 @@
+# Set-up on a fresh machine: `make demo` (installs, then runs the main job) and `make test` (installs, then runs
+# the default test suite). Everything goes into a virtual environment of its own, $(VENV).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lavit-installed
+# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test test-all demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+test-all: install
+	$(PY) -m pytest -q
+
+demo: install
+	HF_HUB_OFFLINE=1 $(PY) examples/demo.py --output-dir demo_output
+
+bench: install
+	$(PY) benchmarks/bench_forward.py
+
+clean:
+	rm -rf $(VENV) demo_output build *.egg-info
