@@ -1,0 +1,152 @@
+# Copyright 2026 The LaViT developers. Licensed under the Apache License, Version 2.0.
+"""Configuration of LaViT: a Qwen2.5-VL model that thinks in K latent visual tokens before it answers.
+
+This file is remote code: it imports only `transformers` so that a checkpoint loads with
+`trust_remote_code=True` on a machine that has nothing else of this project installed.
+"""
+
+from transformers import Qwen2_5_VLConfig
+
+
+GATE_SCOPES = ("after_image", "response")
+
+
+class LavitConfig(Qwen2_5_VLConfig):
+    r"""
+    Configuration of [`LavitForConditionalGeneration`]: every field of [`Qwen2_5_VLConfig`] plus the LaViT fields
+    below (paper sections 4.2 and C.2). A checkpoint made by `convert_qwen2_5_vl_to_lavit` fills `latent_token_ids`.
+
+    Args:
+        num_latent_tokens (`int`, *optional*, defaults to 4):
+            K, the number of latent visual tokens the model writes before its answer (paper: K = 4; Table A2
+            ablates 4, 6 and 8).
+        latent_token_template (`str`, *optional*, defaults to `"<v-trace{index}>"`):
+            How the latent tokens are spelled; `{index}` runs from 1 to K, giving the paper's names
+            `<v-trace1>` ... `<v-traceK>`.
+        latent_token_ids (`list[int]`, *optional*):
+            The vocabulary ids of the K latent tokens, in order. Filled at conversion; `None` in a configuration
+            that has not been attached to a tokenizer yet.
+        teacher_hidden_size (`int`, *optional*, defaults to 5120):
+            The width of the teacher's visual semantics V_sem, i.e. the output width of the concept head
+            (5120 for the paper's Qwen2.5-VL-32B teacher).
+        concept_head_hidden_size (`int`, *optional*):
+            The hidden width of the concept projection head phi_mlp (Linear -> GELU -> Linear, equation 6).
+            Defaults to the text model's hidden size.
+        gate_scope (`str`, *optional*, defaults to `"after_image"`):
+            Which query rows the curriculum sensory gate (equation 4) restrains from the image keys.
+            `"after_image"`: every non-latent token after the first image token (the official code's bottleneck;
+            it also closes the path from the image through the question tokens to the answer).
+            `"response"`: only the tokens after the latent block, the paper's equation 4 read literally.
+        latent_attention_layers (`str` or `list[int]`, *optional*, defaults to `"all"`):
+            The text layers whose attention the latent tokens' image attention is averaged over: `"all"` or a
+            list of layer indices in `[0, num_hidden_layers)`.
+    """
+
+    model_type = "lavit"
+
+    num_latent_tokens: int = 4
+    latent_token_template: str = "<v-trace{index}>"
+    latent_token_ids: list[int] | None = None
+    teacher_hidden_size: int = 5120
+    concept_head_hidden_size: int | None = None
+    gate_scope: str = "after_image"
+    latent_attention_layers: str | list[int] = "all"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.concept_head_hidden_size is None:
+            self.concept_head_hidden_size = self.text_config.hidden_size
+        self._validate_lavit_fields()
+
+    @property
+    def latent_tokens(self) -> list[str]:
+        """The K latent token strings, e.g. `['<v-trace1>', ..., '<v-trace4>']`."""
+        return [self.latent_token_template.format(index=i) for i in range(1, self.num_latent_tokens + 1)]
+
+    def latent_layer_indices(self) -> list[int]:
+        """The text-layer indices that `latent_image_attention` is averaged over."""
+        if self.latent_attention_layers == "all":
+            return list(range(self.text_config.num_hidden_layers))
+        return sorted(set(self.latent_attention_layers))
+
+    def _validate_lavit_fields(self) -> None:
+        for name in ("num_latent_tokens", "teacher_hidden_size", "concept_head_hidden_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+        if self.num_latent_tokens < 1:
+            raise ValueError(
+                f"num_latent_tokens must be at least 1, got {self.num_latent_tokens}; the paper uses 4 "
+                "(set num_latent_tokens=4)."
+            )
+        if self.latent_token_template.count("{index}") != 1:
+            raise ValueError(
+                f"latent_token_template must contain '{{index}}' exactly once, got {self.latent_token_template!r}; "
+                "use e.g. '<v-trace{index}>'."
+            )
+        try:
+            tokens = self.latent_tokens
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(
+                f"latent_token_template {self.latent_token_template!r} cannot be formatted with index=1..K ({err}); "
+                "use a template whose only placeholder is '{index}', e.g. '<v-trace{index}>'."
+            ) from err
+        if any(not token.strip() for token in tokens) or len(set(tokens)) != len(tokens):
+            raise ValueError(
+                f"latent_token_template {self.latent_token_template!r} gives blank or repeated tokens {tokens}; use "
+                "e.g. '<v-trace{index}>'."
+            )
+        if self.latent_token_ids is not None:
+            ids = list(self.latent_token_ids)
+            if len(ids) != self.num_latent_tokens:
+                raise ValueError(
+                    f"latent_token_ids has {len(ids)} ids but num_latent_tokens is {self.num_latent_tokens}; "
+                    "re-run convert_qwen2_5_vl_to_lavit with the K you want, which adds the tokens and fills the ids."
+                )
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"latent_token_ids must be distinct, got {ids}; each latent token needs its own id.")
+            vocab_size = self.text_config.vocab_size
+            if any(not 0 <= i < vocab_size for i in ids):
+                raise ValueError(
+                    f"latent_token_ids {ids} fall outside the vocabulary [0, {vocab_size}); resize the embeddings "
+                    "(convert_qwen2_5_vl_to_lavit does it) or fix the ids."
+                )
+            reserved = {self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id}
+            if reserved & set(ids):
+                raise ValueError(
+                    f"latent_token_ids {ids} reuse vision special token ids {sorted(reserved & set(ids))}; "
+                    "the latent tokens must be new tokens of their own."
+                )
+        if self.teacher_hidden_size < 1:
+            raise ValueError(
+                f"teacher_hidden_size must be positive, got {self.teacher_hidden_size}; use the teacher's text hidden "
+                "size (5120 for Qwen2.5-VL-32B, 3584 for 7B)."
+            )
+        if self.concept_head_hidden_size < 1:
+            raise ValueError(
+                f"concept_head_hidden_size must be positive, got {self.concept_head_hidden_size}; leave it unset to "
+                "use the text hidden size."
+            )
+        if self.gate_scope not in GATE_SCOPES:
+            raise ValueError(f"gate_scope must be one of {GATE_SCOPES}, got {self.gate_scope!r}.")
+        layers = self.latent_attention_layers
+        if isinstance(layers, str):
+            if layers != "all":
+                raise ValueError(
+                    f"latent_attention_layers must be 'all' or a list of layer indices, got {layers!r}."
+                )
+        else:
+            num_layers = self.text_config.num_hidden_layers
+            if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+                raise ValueError(f"latent_attention_layers must hold integer layer indices, got {layers!r}.")
+            if len(layers) == 0:
+                raise ValueError("latent_attention_layers is an empty list; give at least one layer index or 'all'.")
+            bad = [i for i in layers if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(
+                    f"latent_attention_layers {bad} are outside [0, {num_layers}) for this {num_layers}-layer text "
+                    "model; use indices in range or 'all'."
+                )
+
+
+__all__ = ["LavitConfig"]

@@ -1,0 +1,732 @@
+# Copyright 2026 The LaViT developers. Licensed under the Apache License, Version 2.0.
+"""LaViT: a Qwen2.5-VL student that writes K latent visual tokens before its answer (paper sections 4.2, C.2).
+
+What this file adds to Qwen2.5-VL, and nothing else:
+
+* an attention function, registered in transformers' `AttentionInterface` under `"lavit_sdpa"` and used by the
+  text model only. Given a per-forward `LavitAttentionControl` it (a) adds ln(gamma) to the scores of the gated
+  query rows against the image key columns (the curriculum sensory gate, equation 4) and (b) records the
+  differentiable attention probabilities of chosen query rows over chosen key columns, per layer, from those rows'
+  queries and all keys only. scaled_dot_product_attention does the main computation, so the full (L x L)
+  attention matrix is never materialised. Without a control object it is exactly sdpa.
+* `LavitForConditionalGeneration`: the Qwen2.5-VL model plus a `sensory_gate` buffer (gamma), the concept
+  projection head phi_mlp (equation 6) and a forward that returns the latent tokens' hidden states, the concept
+  embedding of the last latent token and, when asked, the latent tokens' attention over the image tokens.
+* the two distillation losses of equations 6 and 7 as pure functions, so that the trainer, the tests and anyone
+  else compute them the same way.
+
+The attention capture also works on a stock `Qwen2_5_VLForConditionalGeneration` (a teacher): call
+`enable_lavit_attention(model)` and pass `lavit_control=LavitAttentionControl(capture=...)` to its forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import logging
+
+
+try:  # loaded as remote code from a checkpoint, where the files form a package
+    from .configuration_lavit import LavitConfig
+except ImportError:  # imported from the repository root
+    from configuration_lavit import LavitConfig
+
+
+logger = logging.get_logger(__name__)
+
+LAVIT_ATTENTION = "lavit_sdpa"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token positions, derived from input_ids
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def padded_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the True entries of each row of `mask`, in order, right-padded with 0.
+
+    Args:
+        mask: `(B, L)` bool.
+    Returns:
+        index: `(B, N)` long, N the largest count over rows; valid: `(B, N)` bool, False on padding.
+    """
+    counts = mask.sum(dim=1)  # (B,)
+    width = int(counts.max()) if mask.numel() else 0
+    # A stable descending sort of the 0/1 mask puts each row's True positions first, in their original order.
+    order = torch.sort(mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]  # (B, N)
+    valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]  # (B, N)
+    return order.masked_fill(~valid, 0), valid
+
+
+def count_images(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Number of images in each sample: runs of consecutive image tokens. `(B, L)` -> `(B,)` long."""
+    is_image = input_ids == image_token_id  # (B, L)
+    starts = is_image.clone()
+    starts[:, 1:] &= ~is_image[:, :-1]
+    return starts.sum(dim=1)
+
+
+def find_latent_tokens(input_ids: torch.Tensor, latent_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Locates the block of K latent tokens in each sample.
+
+    A sample either has no latent token at all, or each of the K tokens exactly once, in order and adjacent;
+    anything else raises a `ValueError` naming the sample.
+
+    Args:
+        input_ids: `(B, L)`.
+        latent_token_ids: the K ids, in order.
+    Returns:
+        index: `(B, K)` long positions (0 for samples without latent tokens); present: `(B,)` bool.
+    """
+    hits = torch.stack([input_ids == token_id for token_id in latent_token_ids], dim=1)  # (B, K, L)
+    counts = hits.sum(dim=2)  # (B, K)
+    present = counts.sum(dim=1) > 0  # (B,)
+    index = hits.to(torch.int8).argmax(dim=2)  # (B, K) first occurrence
+    bad_count = present & (counts != 1).any(dim=1)
+    steps_ok = (index[:, 1:] - index[:, :-1] == 1).all(dim=1)  # (B,)
+    bad_order = present & ~bad_count & ~steps_ok
+    if bad_count.any() or bad_order.any():
+        sample = int((bad_count | bad_order).nonzero()[0, 0])
+        raise ValueError(
+            f"Sample {sample} has a malformed latent block (token counts {counts[sample].tolist()} for ids "
+            f"{list(latent_token_ids)}): each of the {len(latent_token_ids)} latent tokens must appear exactly once, "
+            "in order and adjacent, right at the start of the answer. Build prompts with LavitProcessor."
+        )
+    return index.masked_fill(~present[:, None], 0), present
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The attention side channel
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class AttentionCapture:
+    """Records, per text layer, the attention probabilities of chosen query rows over chosen key columns.
+
+    The probabilities are those of the full softmax over all keys (causal and padding masks and the sensory gate
+    included), restricted afterwards to the chosen columns, averaged over heads. They are computed from the chosen
+    rows' queries and all keys, in float32, and stay differentiable.
+
+    Args:
+        query_index: `(B, R)` long, positions of the query rows.
+        key_index: `(B, N)` long, positions of the key columns (e.g. the image tokens).
+        query_mask: `(B, R)` bool, valid rows (default: all).
+        key_mask: `(B, N)` bool, valid columns (default: all); invalid columns read 0.
+        layers: text-layer indices to record (default: all).
+        reduce_queries: if True each layer's record is averaged over the valid rows, `(B, N)`; else `(B, R, N)`.
+        average_heads: if False the heads are kept, `(B, H, R, N)` (or `(B, H, N)` with `reduce_queries`).
+
+    After the forward, `per_layer[i]` holds layer i's record; `mean_over_layers()` averages them.
+    """
+
+    def __init__(
+        self,
+        query_index: torch.Tensor,
+        key_index: torch.Tensor,
+        query_mask: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        layers: list[int] | None = None,
+        reduce_queries: bool = False,
+        average_heads: bool = True,
+    ):
+        if query_index.ndim != 2 or key_index.ndim != 2 or query_index.shape[0] != key_index.shape[0]:
+            raise ValueError(
+                f"AttentionCapture needs (B, R) query and (B, N) key positions, got {tuple(query_index.shape)} "
+                f"and {tuple(key_index.shape)}."
+            )
+        self.query_index = query_index
+        self.key_index = key_index
+        self.query_mask = query_mask if query_mask is not None else torch.ones_like(query_index, dtype=torch.bool)
+        self.key_mask = key_mask if key_mask is not None else torch.ones_like(key_index, dtype=torch.bool)
+        self.layers = None if layers is None else set(layers)
+        self.reduce_queries = reduce_queries
+        self.average_heads = average_heads
+        self.per_layer: dict[int, torch.Tensor] = {}
+
+    def wants(self, layer_idx: int) -> bool:
+        return self.layers is None or layer_idx in self.layers
+
+    def record(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+    ) -> None:
+        """Computes and stores layer `layer_idx`'s probabilities (called by the attention function).
+
+        Args:
+            query: `(B, H, L, d)` after RoPE. key: `(B, H_kv, L_k, d)` after RoPE, before grouped-query repetition.
+                With the sensory gate these are the widened operands that carry the gate (see
+                `LavitAttentionControl`), so the gate is part of the recorded scores.
+            attention_mask: what sdpa received: None (plain causal), a bool `(B|1, 1, L, L_k)` mask or an additive
+                float one.
+        """
+        batch, heads, _, head_dim = query.shape
+        kv_heads, key_length = key.shape[1], key.shape[2]
+        rows = self.query_index.shape[1]
+        index = self.query_index.to(query.device)
+        q = query.gather(2, index[:, None, :, None].expand(batch, heads, rows, head_dim))  # (B, H, R, d)
+        # Query head h reads key head h // n_rep (repeat_kv's layout), so grouping the heads avoids repeating K.
+        q = q.float().reshape(batch, kv_heads, (heads // kv_heads) * rows, head_dim)
+        scores = torch.matmul(q, key.float().transpose(-1, -2)) * scaling  # (B, H_kv, n_rep * R, L_k)
+        scores = scores.view(batch, heads, rows, key_length)  # (B, H, R, L_k)
+        scores = scores + self._mask_rows(attention_mask, index, key_length, batch, query.device)
+        probs = scores.softmax(dim=-1)  # (B, H, R, L_k)
+        columns = self.key_index.to(query.device)
+        probs = probs.gather(3, columns[:, None, None, :].expand(batch, heads, rows, columns.shape[1]))  # (B,H,R,N)
+        probs = probs * self.key_mask.to(query.device)[:, None, None, :]  # (B, H, R, N)
+        if self.average_heads:
+            probs = probs.mean(dim=1, keepdim=True)  # (B, 1, R, N)
+        if self.reduce_queries:
+            weights = self.query_mask.to(probs.device, probs.dtype)[:, None, :, None]  # (B, 1, R, 1)
+            probs = (probs * weights).sum(dim=2) / weights.sum(dim=2).clamp_min(1)  # (B, H|1, N)
+        self.per_layer[layer_idx] = probs.squeeze(1) if self.average_heads else probs
+
+    @staticmethod
+    def _mask_rows(attention_mask, index, key_length, batch, device) -> torch.Tensor:
+        """The additive mask of the chosen rows, `(B, 1, R, L_k)` float32 (0 where allowed)."""
+        if attention_mask is None:  # sdpa ran with is_causal=True: query i sees keys 0..i
+            allowed = torch.arange(key_length, device=device)[None, None, None, :] <= index[:, None, :, None]
+            return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
+        mask = attention_mask.expand(batch, -1, -1, -1)
+        rows = mask.gather(2, index[:, None, :, None].expand(batch, mask.shape[1], index.shape[1], key_length))
+        if rows.dtype == torch.bool:
+            return torch.zeros(rows.shape, device=device).masked_fill(~rows, float("-inf"))
+        return rows.float()
+
+    def stacked(self) -> torch.Tensor:
+        """All recorded layers in layer order, `(num_layers, B, ...)`."""
+        if not self.per_layer:
+            raise RuntimeError(
+                "No attention was recorded: the model's text attention is not 'lavit_sdpa' (call "
+                "enable_lavit_attention(model)) or lavit_control was not passed to the forward."
+            )
+        return torch.stack([self.per_layer[i] for i in sorted(self.per_layer)])
+
+    def mean_over_layers(self) -> torch.Tensor:
+        return self.stacked().mean(dim=0)
+
+
+class LavitAttentionControl:
+    """What the `lavit_sdpa` attention function should do in one forward pass; passed as `lavit_control=`.
+
+    The gate adds ln(gamma) to the scores of the block (gated query rows) x (image key columns). That block is the
+    outer product of two indicator vectors, so for 0 < gamma < 1 it is added without any (L x L) mask: each query
+    gets an extra coordinate a_i (1 on gated rows) and each key an extra coordinate c_j (ln(gamma) / scale on image
+    columns), so that the extra term of q'.k' * scale is exactly ln(gamma) on the block and 0 elsewhere. sdpa then
+    keeps its causal fast path (and flash kernels on GPU); the extra coordinates are padded to 8 so kernel-friendly
+    head widths stay so. gamma = 0 (a hard mask, -inf on the block) cannot ride on a coordinate (0 * -inf), so it
+    builds an additive (B, 1, L, L) mask instead, once per forward, shared by the layers.
+
+    Args:
+        log_gate: ln(gamma) added to the gated block (`-inf` for gamma = 0, a hard mask); None for no gate.
+        gated_queries: `(B, L)` bool, the query rows the gate restrains.
+        image_keys: `(B, L)` bool, the key columns they are restrained from.
+        capture: an `AttentionCapture` to fill, or None.
+    """
+
+    GATE_WIDTH = 8
+
+    def __init__(
+        self,
+        log_gate: float | None = None,
+        gated_queries: torch.Tensor | None = None,
+        image_keys: torch.Tensor | None = None,
+        capture: AttentionCapture | None = None,
+    ):
+        if log_gate is not None and (gated_queries is None or image_keys is None):
+            raise ValueError("A sensory gate needs both gated_queries and image_keys.")
+        if log_gate is not None and (math.isnan(log_gate) or log_gate > 0):
+            raise ValueError(f"log_gate must be ln(gamma) for gamma in [0, 1], got {log_gate}.")
+        self.log_gate = log_gate
+        self.gated_queries = gated_queries
+        self.image_keys = image_keys
+        self.capture = capture
+        self._mask_cache: tuple[object, torch.Tensor] | None = None
+
+    def apply_gate(self, query, key, value, attention_mask, scaling):
+        """The operands of the gated sdpa call: `(query, key, value, attention_mask)`, the first three widened by
+        the gate's coordinates (0 < gamma < 1) or the mask made hard (gamma = 0). The caller cuts the attention
+        output back to the original head width."""
+        batch, heads, q_length, _ = query.shape
+        if key.shape[2] != q_length:
+            raise ValueError(
+                "The sensory gate is applied without a KV cache only (training and teacher-forced passes); set "
+                "model.set_sensory_gate(1.0) to generate."
+            )
+        if math.isinf(self.log_gate):
+            return query, key, value, self._hard_mask(attention_mask, query)
+        kv_heads, dtype, device = key.shape[1], query.dtype, query.device
+        rows = self.gated_queries.to(device=device, dtype=dtype)[:, None, :, None]  # (B, 1, L, 1)
+        cols = self.image_keys.to(device=device, dtype=dtype)[:, None, :, None] * (self.log_gate / scaling)
+        pad_q = query.new_zeros(batch, heads, q_length, self.GATE_WIDTH - 1)
+        pad_k = key.new_zeros(batch, kv_heads, q_length, self.GATE_WIDTH - 1)
+        query = torch.cat([query, rows.expand(-1, heads, -1, -1), pad_q], dim=-1)  # (B, H, L, d + 8)
+        key = torch.cat([key, cols.expand(-1, kv_heads, -1, -1), pad_k], dim=-1)  # (B, H_kv, L, d + 8)
+        value = torch.cat([value, value.new_zeros(batch, kv_heads, q_length, self.GATE_WIDTH)], dim=-1)
+        return query, key, value, attention_mask
+
+    def _hard_mask(self, attention_mask, query) -> torch.Tensor:
+        """The additive mask of gamma = 0: the model's mask with -inf on the gated block, `(B, 1, L, L)`."""
+        if self._mask_cache is not None and self._mask_cache[0] is attention_mask:
+            return self._mask_cache[1]
+        length, device, dtype = query.shape[2], query.device, query.dtype
+        block = self.gated_queries.to(device)[:, None, :, None] & self.image_keys.to(device)[:, None, None, :]
+        mask = torch.zeros(block.shape, dtype=dtype, device=device).masked_fill(block, float("-inf"))  # (B,1,L,L)
+        if attention_mask is None:
+            allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
+        elif attention_mask.dtype == torch.bool:
+            mask = mask.masked_fill(~attention_mask, torch.finfo(dtype).min)
+        else:
+            mask = mask + attention_mask.to(dtype)
+        self._mask_cache = (attention_mask, mask)
+        return mask
+
+
+def lavit_sdpa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    lavit_control: LavitAttentionControl | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """sdpa attention with LaViT's sensory gate and attention side channel (see `LavitAttentionControl`)."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    head_dim = value.shape[-1]
+    if lavit_control is not None and lavit_control.log_gate is not None:
+        query, key, value, attention_mask = lavit_control.apply_gate(query, key, value, attention_mask, scale)
+    attn_output, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scale, is_causal=is_causal, **kwargs
+    )
+    capture = lavit_control.capture if lavit_control is not None else None
+    if capture is not None and capture.wants(module.layer_idx):
+        # The operands sdpa saw, gate included: the recorded rows are exactly the probabilities it used.
+        capture.record(module.layer_idx, query, key, attention_mask, scale)
+    return attn_output[..., :head_dim], None
+
+
+AttentionInterface.register(LAVIT_ATTENTION, lavit_sdpa_attention_forward)
+AttentionMaskInterface.register(LAVIT_ATTENTION, sdpa_mask)
+
+
+def enable_lavit_attention(model: nn.Module) -> nn.Module:
+    """Switches the text attention of a Qwen2.5-VL or LaViT model to `lavit_sdpa` (the vision tower keeps its own).
+
+    Without a `lavit_control` argument the forward is unchanged (plain sdpa); with one, it gates and records as
+    the control says. Returns the model.
+    """
+    vision = model.config.vision_config._attn_implementation or "sdpa"
+    model.set_attn_implementation({"text_config": LAVIT_ATTENTION, "vision_config": vision})
+    return model
+
+
+def image_attention_capture(
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    query_index: torch.Tensor,
+    query_mask: torch.Tensor | None = None,
+    layers: list[int] | None = None,
+    reduce_queries: bool = False,
+) -> AttentionCapture:
+    """An `AttentionCapture` of the given query rows over each sample's image tokens (columns padded to the
+    largest image of the batch; `capture.key_mask` marks the real ones)."""
+    key_index, key_mask = padded_positions(input_ids == image_token_id)
+    return AttentionCapture(query_index, key_index, query_mask, key_mask, layers=layers, reduce_queries=reduce_queries)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distillation losses (equations 6 and 7)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def concept_loss(concept_embeds: torch.Tensor, teacher_semantics: torch.Tensor) -> torch.Tensor:
+    """Semantic reconstruction, equation 6: 1 - mean over the batch of cos(phi(h_z), V_sem).
+
+    Args:
+        concept_embeds: `(B, D_t)`, phi_mlp of the last latent token's hidden state.
+        teacher_semantics: `(B, D_t)`, the teacher's pooled visual semantics (a fixed target; no gradient).
+    Returns:
+        scalar tensor in [0, 2].
+    """
+    if concept_embeds.shape != teacher_semantics.shape:
+        raise ValueError(
+            f"concept_loss needs matching shapes, got {tuple(concept_embeds.shape)} and "
+            f"{tuple(teacher_semantics.shape)}; the concept head's width is config.teacher_hidden_size."
+        )
+    cosine = F.cosine_similarity(concept_embeds.float(), teacher_semantics.detach().float(), dim=-1)  # (B,)
+    return 1.0 - cosine.mean()
+
+
+def trajectory_loss(
+    teacher_attention: torch.Tensor,
+    student_attention: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Trajectory alignment, equation 7: (1/B) sum_i sum_j KL(A_traj^(i,j) || A_student^(i,j)).
+
+    Args:
+        teacher_attention: `(B, K, N)` or `(B, N)` target distributions over image tokens (each sums to 1; a
+            `(B, N)` target is shared by the K latent tokens).
+        student_attention: `(B, K, N)` the latent tokens' attention over the image tokens (each sums to 1).
+        mask: `(B, N)` bool, real image tokens (padding columns must carry no mass in either).
+        eps: floor on the student probabilities inside the log.
+    Returns:
+        scalar tensor: the KL summed over the K latent tokens, averaged over the batch. Target zeros contribute 0.
+    """
+    if teacher_attention.ndim == 2:
+        teacher_attention = teacher_attention[:, None, :].expand_as(student_attention)
+    if teacher_attention.shape != student_attention.shape:
+        raise ValueError(
+            f"trajectory_loss needs matching shapes, got teacher {tuple(teacher_attention.shape)} and student "
+            f"{tuple(student_attention.shape)}; resize the teacher's gaze to the student's image token grid."
+        )
+    target = teacher_attention.detach().float()
+    student = student_attention.float()
+    terms = torch.where(target > 0, target * (target.clamp_min(1e-30).log() - student.clamp_min(eps).log()), 0.0)
+    if mask is not None:
+        terms = terms * mask[:, None, :].to(terms.dtype)
+    return terms.sum(dim=(1, 2)).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LavitCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
+    """
+    Output of [`LavitForConditionalGeneration`]: the fields of Qwen2.5-VL's output plus
+
+    Args:
+        latent_hidden_states (`torch.FloatTensor` of shape `(batch_size, K, hidden_size)`, *optional*):
+            The last-layer hidden states (after the final norm) at the K latent tokens, h_z. Present when every
+            sample holds the latent block.
+        concept_embeds (`torch.FloatTensor` of shape `(batch_size, teacher_hidden_size)`, *optional*):
+            phi_mlp(h_z) of the **last** latent token (paper C.2), compared with the teacher's V_sem (equation 6).
+        latent_image_attention (`torch.FloatTensor` of shape `(batch_size, K, num_image_tokens)`, *optional*):
+            Each latent token's attention over its sample's image tokens, averaged over heads and over
+            `config.latent_attention_layers`, renormalised to sum to 1 (A_student of equation 7). Returned when
+            `output_latent_attention=True`.
+        image_token_mask (`torch.BoolTensor` of shape `(batch_size, num_image_tokens)`, *optional*):
+            True on each sample's real image tokens; samples with smaller images are right-padded.
+        concept_loss (`torch.FloatTensor`, *optional*):
+            Equation 6, when `teacher_semantics` is given.
+        trajectory_loss (`torch.FloatTensor`, *optional*):
+            Equation 7, when `teacher_trajectory` is given.
+        sensory_gate (`float`, *optional*):
+            The gamma this forward ran with.
+    """
+
+    latent_hidden_states: torch.FloatTensor | None = None
+    concept_embeds: torch.FloatTensor | None = None
+    latent_image_attention: torch.FloatTensor | None = None
+    image_token_mask: torch.BoolTensor | None = None
+    concept_loss: torch.FloatTensor | None = None
+    trajectory_loss: torch.FloatTensor | None = None
+    sensory_gate: float | None = None
+
+
+class LavitConceptHead(nn.Module):
+    """phi_mlp of equation 6: Linear -> GELU -> Linear, from the text width to the teacher's width."""
+
+    def __init__(self, config: LavitConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.text_config.hidden_size, config.concept_head_hidden_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(config.concept_head_hidden_size, config.teacher_hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))  # (..., teacher_hidden_size)
+
+
+class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL with LaViT's latent visual thoughts: a sensory gate, a concept head and latent-attention outputs.
+
+    The text attention runs through `lavit_sdpa`, which is plain sdpa unless the gate is below 1 or latent
+    attention is requested. gamma lives in the non-persistent buffer `sensory_gate` (1.0 on load; the trainer's
+    callback moves it) and is set with `set_sensory_gate`.
+    """
+
+    config_class = LavitConfig
+    config: LavitConfig
+
+    def __init__(self, config: LavitConfig):
+        super().__init__(config)
+        self.concept_head = LavitConceptHead(config)
+        self.register_buffer("sensory_gate", torch.tensor(1.0), persistent=False)
+        if config.text_config._attn_implementation in (None, "sdpa"):
+            enable_lavit_attention(self)
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is self:
+            with torch.no_grad():
+                self.sensory_gate.fill_(1.0)
+
+    def set_sensory_gate(self, gamma: float) -> None:
+        """Sets gamma in [0, 1]: 1 leaves attention untouched, 0 cuts the gated rows off the image (a hard mask)."""
+        gamma = float(gamma)
+        if not 0.0 <= gamma <= 1.0 or math.isnan(gamma):
+            raise ValueError(
+                f"The sensory gate gamma must lie in [0, 1], got {gamma}: 1 is the open gate, 0 a hard mask and the "
+                "paper's schedule starts at 1e-6."
+            )
+        self.sensory_gate.fill_(gamma)
+
+    def _gate_value(self) -> float:
+        gamma = float(self.sensory_gate)
+        if not 0.0 <= gamma <= 1.0 or math.isnan(gamma):
+            raise ValueError(
+                f"model.sensory_gate holds {gamma}, outside [0, 1]; set it with model.set_sensory_gate(gamma)."
+            )
+        return gamma
+
+    def _check_text_attention(self, what: str) -> None:
+        if self.config.text_config._attn_implementation != LAVIT_ATTENTION:
+            raise ValueError(
+                f"{what} needs the text attention '{LAVIT_ATTENTION}', but this model runs "
+                f"'{self.config.text_config._attn_implementation}'. Load it without attn_implementation, or call "
+                "enable_lavit_attention(model)."
+            )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs=None,
+        output_latent_states: bool | None = None,
+        output_latent_attention: bool = False,
+        teacher_semantics: torch.Tensor | None = None,
+        teacher_trajectory: torch.Tensor | None = None,
+        **kwargs,
+    ) -> LavitCausalLMOutputWithPast:
+        r"""
+        The arguments of [`Qwen2_5_VLForConditionalGeneration.forward`], plus:
+
+        output_latent_states (`bool`, *optional*):
+            Whether to return `latent_hidden_states` and `concept_embeds`. `None` (default): when every sample holds
+            the latent block (none is not an error: e.g. decoding steps); `True`: required, a sample without latent
+            tokens is an error; `False`: never.
+        output_latent_attention (`bool`, *optional*, defaults to `False`):
+            Whether to return `latent_image_attention` and `image_token_mask`. Every sample needs the latent block
+            and exactly one image.
+        teacher_semantics (`torch.Tensor` of shape `(batch_size, teacher_hidden_size)`, *optional*):
+            V_sem; when given, `concept_loss` (equation 6) is returned.
+        teacher_trajectory (`torch.Tensor` of shape `(batch_size, [K,] num_image_tokens)`, *optional*):
+            The teacher's gaze on the student's image grid, each row a distribution; when given, latent attention is
+            computed and `trajectory_loss` (equation 7) is returned.
+        lavit_control (`LavitAttentionControl`, *optional*, in `kwargs`):
+            Replaces the control the model builds from its gate and `output_latent_attention` (for analyses that
+            record other rows); `latent_image_attention` is then not computed.
+        """
+        if "past_key_values" in kwargs:  # the name before transformers 5.x renamed it
+            cache = kwargs.pop("past_key_values")
+        output_latent_attention = bool(output_latent_attention or teacher_trajectory is not None)
+        if teacher_semantics is not None and output_latent_states is False:
+            raise ValueError("teacher_semantics needs the latent states; leave output_latent_states unset.")
+        if teacher_semantics is not None:
+            output_latent_states = True
+        gamma = self._gate_value()
+        config = self.config
+        past_length = cache.get_seq_length() if cache is not None else 0
+
+        wants_latents = output_latent_states is not False or output_latent_attention or gamma < 1.0
+        latent_index = latent_present = None
+        if wants_latents and input_ids is not None:
+            if config.latent_token_ids is None:
+                raise ValueError(
+                    "config.latent_token_ids is not set, so the latent tokens cannot be found; convert the checkpoint "
+                    "with convert_qwen2_5_vl_to_lavit."
+                )
+            latent_index, latent_present = find_latent_tokens(input_ids, config.latent_token_ids)  # (B, K), (B,)
+        needs_ids = output_latent_states or output_latent_attention or gamma < 1.0
+        if needs_ids and input_ids is None:
+            raise ValueError(
+                "LaViT locates the image and latent tokens in input_ids; pass input_ids (not only inputs_embeds) when "
+                "the sensory gate is below 1 or latent outputs are requested."
+            )
+
+        required = bool(output_latent_states) or output_latent_attention
+        if latent_present is not None and required and not bool(latent_present.all()):
+            sample = int((~latent_present).nonzero()[0, 0])
+            raise ValueError(
+                f"Latent outputs were requested but sample {sample} has no latent tokens "
+                f"{config.latent_tokens}; build the prompt with LavitProcessor (add_latent_tokens=True) or "
+                "to_prompt_completion(..., use_latent_tokens=True)."
+            )
+        if latent_present is not None and output_latent_states is None and bool(latent_present.any()):
+            if not bool(latent_present.all()):
+                sample = int((~latent_present).nonzero()[0, 0])
+                raise ValueError(
+                    f"Sample {sample} has no latent tokens while others in the batch do; batch samples of one kind "
+                    "(all with or all without the latent block)."
+                )
+        compute_latents = latent_present is not None and bool(latent_present.all()) and output_latent_states is not False
+
+        control_gate = gamma < 1.0
+        capture = None
+        image_keys = image_mask = None
+        if control_gate or output_latent_attention:
+            if past_length > 0:
+                raise ValueError(
+                    "The sensory gate and latent attention work on full (teacher-forced) passes, not on decoding steps "
+                    "with a KV cache; set model.set_sensory_gate(1.0) and output_latent_attention=False to generate."
+                )
+            self._check_text_attention("The sensory gate or latent attention")
+            image_keys = input_ids == config.image_token_id  # (B, L)
+        if output_latent_attention and kwargs.get("lavit_control") is not None:
+            raise ValueError("Pass either output_latent_attention/teacher_trajectory or your own lavit_control, not both.")
+        if output_latent_attention:
+            images = count_images(input_ids, config.image_token_id)  # (B,)
+            if bool((images == 0).any()):
+                sample = int((images == 0).nonzero()[0, 0])
+                raise ValueError(
+                    f"Latent attention was requested but sample {sample} has no image; every sample needs one image."
+                )
+            if bool((images > 1).any()):
+                sample = int((images > 1).nonzero()[0, 0])
+                raise ValueError(
+                    f"Sample {sample} has {int(images[sample])} images: latent attention over several images is "
+                    "unsupported (the trajectory target is one image's token grid); use one image per sample."
+                )
+            capture = image_attention_capture(
+                input_ids, config.image_token_id, latent_index, layers=config.latent_layer_indices()
+            )
+            image_mask = capture.key_mask  # (B, N)
+        log_gate = None
+        gated_queries = None
+        if control_gate:
+            if not bool(latent_present.all()):
+                sample = int((~latent_present).nonzero()[0, 0])
+                raise ValueError(
+                    f"The sensory gate is {gamma} < 1 but sample {sample} has no latent tokens, so its answer would "
+                    "lose the image with nothing to route through; gate only LaViT samples (Naive SFT keeps gamma = 1)."
+                )
+            gated_queries = self._gated_queries(input_ids, attention_mask, image_keys, latent_index)
+            log_gate = math.log(gamma) if gamma > 0 else float("-inf")
+        if kwargs.get("lavit_control") is None and (control_gate or capture is not None):
+            kwargs["lavit_control"] = LavitAttentionControl(log_gate, gated_queries, image_keys, capture)
+
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts,
+            mm_token_type_ids=mm_token_type_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state  # (B, L, D)
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        kwargs.pop("lavit_control", None)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=config.text_config.vocab_size, **kwargs)
+
+        latent_hidden_states = concept_embeds = None
+        if compute_latents:
+            width = hidden_states.shape[-1]
+            latent_hidden_states = hidden_states.gather(
+                1, latent_index[:, :, None].expand(-1, -1, width)
+            )  # (B, K, D)
+            concept_embeds = self.concept_head(latent_hidden_states[:, -1])  # (B, teacher_hidden_size)
+
+        latent_image_attention = None
+        if capture is not None:
+            attention = capture.mean_over_layers()  # (B, K, N)
+            latent_image_attention = attention / attention.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+        concept = trajectory = None
+        if teacher_semantics is not None:
+            concept = concept_loss(concept_embeds, teacher_semantics.to(concept_embeds.device))
+        if teacher_trajectory is not None:
+            trajectory = trajectory_loss(
+                teacher_trajectory.to(latent_image_attention.device), latent_image_attention, image_mask
+            )
+
+        return LavitCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            video_outputs=outputs.video_outputs,
+            latent_hidden_states=latent_hidden_states,
+            concept_embeds=concept_embeds,
+            latent_image_attention=latent_image_attention,
+            image_token_mask=image_mask if capture is not None else None,
+            concept_loss=concept,
+            trajectory_loss=trajectory,
+            sensory_gate=gamma,
+        )
+
+    def _gated_queries(self, input_ids, attention_mask, image_keys, latent_index) -> torch.Tensor:
+        """The query rows the gate restrains, `(B, L)` bool, by `config.gate_scope`."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]  # (1, L)
+        is_latent = torch.zeros_like(image_keys)
+        is_latent.scatter_(1, latent_index, True)
+        if self.config.gate_scope == "after_image":
+            after_image = image_keys.cumsum(dim=1) > 0
+            gated = after_image & ~image_keys & ~is_latent
+        else:  # "response": the tokens after the latent block
+            gated = positions > latent_index[:, -1:]
+            gated = gated & ~image_keys
+        if attention_mask is not None and attention_mask.ndim == 2:
+            gated = gated & attention_mask.bool()
+        return gated
+
+
+__all__ = [
+    "LavitForConditionalGeneration",
+    "LavitCausalLMOutputWithPast",
+    "LavitAttentionControl",
+    "AttentionCapture",
+    "enable_lavit_attention",
+    "image_attention_capture",
+    "concept_loss",
+    "trajectory_loss",
+    "find_latent_tokens",
+    "padded_positions",
+    "count_images",
+    "LAVIT_ATTENTION",
+]
