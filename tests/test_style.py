@@ -1,0 +1,54 @@
+"""Contracts of the codebase that reviews check: self-contained remote code, no print or torch.load in library
+code, no machine paths."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REMOTE_CODE = ["configuration_lavit.py", "modeling_lavit.py", "processing_lavit.py"]
+
+
+def imports_of(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add(("." * node.level) + (node.module or "").split(".")[0])
+    return names
+
+
+def library_files() -> list[Path]:
+    return sorted(p for p in ROOT.glob("*.py") if p.name != "setup.py")
+
+
+def test_remote_code_is_self_contained():
+    allowed_third_party = {"torch", "transformers", "__future__", "math", "re", "typing", "dataclasses"}
+    local = {p.stem for p in ROOT.glob("*_lavit.py")}
+    for name in REMOTE_CODE:
+        imports = imports_of(ROOT / name)
+        foreign = {i for i in imports if i.lstrip(".") not in allowed_third_party and not i.startswith(".")}
+        # A local module may appear only as the fallback of a relative import of the same module.
+        assert foreign <= {i.lstrip(".") for i in imports if i.startswith(".")}, (name, foreign)
+        assert not {i.lstrip(".") for i in imports} & {"trainer_lavit", "conversion_lavit", "testing_lavit"}
+        assert all(i.lstrip(".") in local for i in imports if i.startswith(".")), name
+    assert imports_of(ROOT / "configuration_lavit.py") <= {"transformers", "__future__"}
+
+
+def test_no_print_or_torch_load_in_library_code():
+    for path in library_files():
+        text = path.read_text()
+        assert not re.search(r"^\s*print\(", text, re.M), path.name
+        assert "torch.load(" not in text, path.name
+
+
+def test_no_machine_paths_in_tracked_files():
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    pattern = re.compile(r"(/root/|/home/|/work/|/tmp/[A-Za-z])")
+    offenders = [f for f in files if not f.startswith("tests/") and (ROOT / f).is_file()
+                 and f.endswith((".py", ".cfg", ".toml", ".yaml", ".md")) and pattern.search((ROOT / f).read_text())]
+    assert offenders == []
