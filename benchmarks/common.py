@@ -1,0 +1,89 @@
+"""Shared helpers of the benchmarks: machine description, peak-memory probes and RESULTS.md sections."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU ({cpu}, {torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
+def steady_peak(step, device: str, warmup: int = 2, repeats: int = 3) -> int:
+    """The smallest `measure_peak` of `repeats` calls after `warmup` unmeasured ones: the steady state of a training
+    step, once the first steps' one-off allocations (gradient buffers, allocator caches) are behind."""
+    for _ in range(warmup):
+        step()
+    return min(measure_peak(step, device) for _ in range(repeats))
+
+
+def measure_peak(step, device: str) -> int:
+    """Bytes that one call of `step()` adds at its peak over what was allocated before it.
+
+    CUDA: the caching allocator's peak. CPU: the peak of the allocation timeline that the PyTorch profiler records
+    (every tensor allocation and free, in order), which is exact and repeatable, unlike the resident set size.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    gc.collect()  # what earlier steps left in reference cycles goes now, not at a random point inside the step
+    gc.disable()
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    finally:
+        gc.enable()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def interleaved_times(steps: dict, repeats: int, warmup: int, device: str) -> dict[str, float]:
+    """Median seconds of each step, the steps run in turn so that drifts of the machine hit all of them alike."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    samples = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def write_section(name: str, body: str) -> None:
+    """Replaces (or appends) the section `name` of benchmarks/RESULTS.md, stamped with the machine and date."""
+    stamp = f"_{machine()}; {datetime.date.today().isoformat()}_"
+    block = f"<!-- {name}:start -->\n## {name}\n\n{stamp}\n\n{body.strip()}\n<!-- {name}:end -->"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in this folder.\n"
+    pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
+    text = pattern.sub(block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
