@@ -558,6 +558,13 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             raise ValueError("teacher_semantics needs the latent states; leave output_latent_states unset.")
         if teacher_semantics is not None:
             output_latent_states = True
+        if pixel_values is not None and mm_token_type_ids is None and position_ids is None:
+            # Without them Qwen2.5-VL falls back to 1D positions for the image silently: different logits, no error.
+            raise ValueError(
+                "pixel_values came without mm_token_type_ids (or position_ids), so the image tokens would get plain "
+                "1D RoPE positions instead of Qwen2.5-VL's 3D ones. Pass the processor's mm_token_type_ids along "
+                "(a collator must keep it)."
+            )
         gamma = self._gate_value()
         config = self.config
         past_length = cache.get_seq_length() if cache is not None else 0

@@ -43,7 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--question-tokens", type=int, default=280, help="about this many question tokens")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--gate", type=float, default=0.5, help="the sensory gate gamma of the LaViT step")
     parser.add_argument("--write-results", action="store_true")

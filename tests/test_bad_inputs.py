@@ -96,3 +96,10 @@ def test_gate_on_other_attention_implementation(lavit_dir, processor, two_images
     model.set_sensory_gate(0.5)
     with pytest.raises(ValueError, match="needs the text attention 'lavit_sdpa'.*runs 'eager'"):
         model(**inputs)
+
+
+def test_pixels_without_mm_token_type_ids(lavit_model, processor, two_images):
+    inputs = batch_inputs(processor, two_images)
+    inputs.pop("mm_token_type_ids")
+    with pytest.raises(ValueError, match="without mm_token_type_ids.*a collator must keep it"):
+        lavit_model(**inputs)
