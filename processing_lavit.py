@@ -84,7 +84,32 @@ def set_default_system_prompt(chat_template: str, system_prompt: str) -> str:
     return chat_template
 
 
-class LavitProcessor(Qwen2_5_VLProcessor):
+class LavitBaseProcessor(Qwen2_5_VLProcessor):
+    r"""
+    Qwen2.5-VL's processor for images and text only: no video processor, so no torchvision is needed. It serves
+    stock Qwen2.5-VL checkpoints (the teacher, a baseline) here; [`LavitProcessor`] adds the latent tokens.
+
+    Args:
+        image_processor (`Qwen2VLImageProcessorPil` or `Qwen2VLImageProcessor`): the image processor.
+        tokenizer (`Qwen2Tokenizer`): the tokenizer.
+        chat_template (`str`, *optional*): the chat template; defaults to the tokenizer's.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template: str | None = None, **kwargs):
+        if tokenizer is None:
+            raise ValueError(f"{type(self).__name__} needs a tokenizer.")
+        chat_template = chat_template if chat_template is not None else tokenizer.chat_template
+        super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Loads a saved processor. The class is already at hand, so the tokenizer's look-up of the model config
+        must not stop to ask whether to run a checkpoint's remote code (`trust_remote_code=False` unless given)."""
+        kwargs.setdefault("trust_remote_code", False)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+class LavitProcessor(LavitBaseProcessor):
     r"""
     Processor of LaViT: Qwen2.5-VL's image processor (the torchvision-free `Qwen2VLImageProcessorPil` works) and
     tokenizer, for images only (no video), aware of the K latent tokens.
@@ -139,15 +164,7 @@ class LavitProcessor(Qwen2_5_VLProcessor):
             chat_template = add_latent_tokens_to_chat_template(chat_template, self.latent_string)
             # The tokenizer carries the same template, so AutoTokenizer users and servers force the latents too.
             tokenizer.chat_template = chat_template
-        super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Loads a saved LaViT processor. The class is already at hand, so the tokenizer's look-up of the model
-        config must not stop to ask whether to run the checkpoint's remote code (`trust_remote_code=False` unless
-        given)."""
-        kwargs.setdefault("trust_remote_code", False)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     @property
     def latent_string(self) -> str:
@@ -224,4 +241,4 @@ def latent_token_ids_of(tokenizer, latent_tokens: list[str]) -> list[int]:
     return [vocab[token] for token in latent_tokens]
 
 
-__all__ = ["LavitProcessor", "LAVIT_SYSTEM_PROMPT"]
+__all__ = ["LavitBaseProcessor", "LavitProcessor", "LAVIT_SYSTEM_PROMPT"]

@@ -1,0 +1,563 @@
+# Copyright 2026 The LaViT developers. Licensed under the Apache License, Version 2.0.
+"""Data formats of LaViT: the Visual-CoT reader, the LaViT-15K schema with its parquet writer and loader, the
+bounding-box -> token-grid rule, and the dataset card (paper section 4.1, appendix C.4).
+
+Visual-CoT (`viscot_363k.json`) is a JSON list of records such as::
+
+    {"dataset": "gqa", "split": "train", "question_id": 201,
+     "image": ["cot/gqa/2354786.jpg", "cot/gqa/2354786.jpg###[12, 40, 96, 160]"],
+     "conversations": [
+        {"from": "human", "value": "<image>\\nWhat is on the table? Please provide the bounding box coordinate ..."},
+        {"from": "gpt", "value": "[0.03, 0.11, 0.25, 0.44]"},
+        {"from": "human", "value": "<image>"},
+        {"from": "gpt", "value": "A laptop."}]}
+
+The part after `###` is the key region in integer pixels of the original image; turn 1 holds the same box
+normalised to the padded square and is ignored when the pixel box is there. `question_id` is unique only within
+a source, so samples are keyed on (`dataset`, `question_id`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+logger = logging.getLogger(__name__)
+
+VISCOT_IMAGE_PREFIX = "<image>\n"
+VISCOT_BOX_SUFFIX = (
+    " Please provide the bounding box coordinate of the region that can help you answer the question better."
+)
+CELL = 28  # pixels per merged visual token: patch 14 x spatial merge 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Visual-CoT
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VisualCoTSample:
+    """One Visual-CoT question with its key-region box.
+
+    Attributes:
+        id: `"<dataset>/<question_id>"`, unique across sources.
+        source: the source dataset (`"gqa"`, `"docvqa"`, ...).
+        split: Visual-CoT's split name.
+        image: the image path relative to the image root (`cot/<source>/<file>`).
+        bbox: the key region `(x1, y1, x2, y2)` in pixels of the original image, or None.
+        question: the question, without the `<image>` prefix and the box-request suffix.
+        answer: the ground-truth answer.
+    """
+
+    id: str
+    source: str
+    split: str
+    image: str
+    bbox: tuple[float, float, float, float] | None
+    question: str
+    answer: str
+
+
+class SkippedRecord(ValueError):
+    """A Visual-CoT record that cannot become a sample; `reason` is a short machine-readable tag."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+_BOX = re.compile(r"^\s*\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]\s*$")
+
+
+def parse_visual_cot_record(record: dict[str, Any]) -> VisualCoTSample:
+    """Turns one Visual-CoT record into a `VisualCoTSample`; raises `SkippedRecord` with the reason otherwise."""
+    key = f"{record.get('dataset')}/{record.get('question_id')}"
+    for field in ("dataset", "question_id", "image", "conversations"):
+        if field not in record:
+            raise SkippedRecord("malformed_record", f"{key}: no '{field}' field")
+    turns = record["conversations"]
+    if not isinstance(turns, list) or len(turns) < 4:
+        raise SkippedRecord("malformed_record", f"{key}: {len(turns) if isinstance(turns, list) else 0} conversation turns, needs 4")
+    images = record["image"] if isinstance(record["image"], list) else [record["image"]]
+    path, bbox = images[0].split("###")[0], None
+    for entry in images:
+        if "###" in entry:
+            match = _BOX.match(entry.split("###", 1)[1])
+            if match is None:
+                raise SkippedRecord("malformed_record", f"{key}: unreadable box {entry.split('###', 1)[1]!r}")
+            bbox = tuple(float(v) for v in match.groups())
+    if bbox is None:
+        raise SkippedRecord("no_box", f"{key}: no pixel box ('###[x1, y1, x2, y2]') in its image field")
+    x1, y1, x2, y2 = bbox
+    if not (x2 > x1 and y2 > y1):
+        raise SkippedRecord("degenerate_box", f"{key}: box {list(bbox)} has no area")
+    question = str(turns[0].get("value", ""))
+    question = question[len(VISCOT_IMAGE_PREFIX):] if question.startswith(VISCOT_IMAGE_PREFIX) else question
+    question = question.replace("<image>", "")
+    question = question[: -len(VISCOT_BOX_SUFFIX)] if question.endswith(VISCOT_BOX_SUFFIX) else question
+    question = question.strip()
+    answer = str(turns[3].get("value", "")).strip()
+    if not question:
+        raise SkippedRecord("empty_question", f"{key}: empty question")
+    if not answer:
+        raise SkippedRecord("empty_answer", f"{key}: empty answer")
+    return VisualCoTSample(
+        id=key,
+        source=str(record["dataset"]),
+        split=str(record.get("split", "")),
+        image=path,
+        bbox=bbox,
+        question=question,
+        answer=answer,
+    )
+
+
+def read_visual_cot(
+    path: str | os.PathLike,
+    sources: list[str] | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+) -> tuple[list[VisualCoTSample], list[dict[str, str]]]:
+    """Reads `viscot_363k.json`, keeps the given sources and samples `max_samples` of them with `seed`.
+
+    Returns:
+        samples: in a deterministic order (the sampled order, or the file order when not sampling).
+        skipped: `{"id", "reason", "detail"}` for every record of the kept sources that could not become a sample
+            (malformed, no box, degenerate box, empty answer, duplicate key).
+    """
+    with open(path, encoding="utf-8") as f:
+        records = json.load(f)
+    if not isinstance(records, list):
+        raise ValueError(f"{path} must hold a JSON list of Visual-CoT records, got {type(records).__name__}.")
+    wanted = set(sources) if sources else None
+    samples, skipped, seen = [], [], set()
+    for record in records:
+        if wanted is not None and record.get("dataset") not in wanted:
+            continue
+        try:
+            sample = parse_visual_cot_record(record)
+        except SkippedRecord as err:
+            skipped.append({"id": f"{record.get('dataset')}/{record.get('question_id')}", "reason": err.reason,
+                            "detail": err.detail})
+            continue
+        if sample.id in seen:
+            skipped.append({"id": sample.id, "reason": "duplicate_id", "detail": f"{sample.id} appears twice"})
+            continue
+        seen.add(sample.id)
+        samples.append(sample)
+    if wanted is not None:
+        missing = wanted - {s.source for s in samples} - {r["id"].split("/")[0] for r in skipped}
+        if missing:
+            raise ValueError(f"No records of sources {sorted(missing)} in {path}; check the names (e.g. 'gqa').")
+    if max_samples is not None and max_samples < len(samples):
+        samples = random.Random(seed).sample(samples, max_samples)
+    return samples, skipped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Box -> token grid
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def clip_box(bbox, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """`bbox` clipped to the `(width, height)` image; a `ValueError` when nothing of it is left (a degenerate box,
+    or one wholly outside the image)."""
+    width, height = image_size
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    x1, x2 = max(0.0, x1), min(float(width), x2)
+    y1, y2 = max(0.0, y1), min(float(height), y2)
+    if not (x2 > x1 and y2 > y1):
+        raise ValueError(
+            f"Box {[float(v) for v in bbox]} has no area inside the {width} x {height} image (degenerate or "
+            "outside); such a sample cannot be scored for focus."
+        )
+    return x1, y1, x2, y2
+
+
+def box_to_token_mask(
+    bbox: tuple[float, float, float, float] | list[float],
+    image_size: tuple[int, int],
+    grid: tuple[int, int],
+    min_cover: float = 0.5,
+) -> np.ndarray:
+    """The merged visual tokens that a pixel box covers, as a `(rows, cols)` bool mask.
+
+    The processor resizes the `(width, height)` image to `(cols * 28, rows * 28)` pixels and each merged token
+    sees one 28 x 28 cell, so in original pixels cell `(r, c)` spans `x` in `[c * width / cols, (c + 1) * width /
+    cols)` and `y` likewise. The rule:
+
+    * the box is first clipped to the image; a box with no area after clipping (degenerate, or wholly outside the
+      image) is rejected with a `ValueError`;
+    * a cell belongs to the box when the box covers at least `min_cover` of the cell's area (partial cells count
+      when half covered, by default);
+    * a box that covers no cell that much (a box smaller than a cell) gets the one cell it overlaps most, so every
+      valid box maps to at least one token.
+    """
+    width, height = image_size
+    rows, cols = grid
+    x1, y1, x2, y2 = clip_box(bbox, image_size)
+    cell_w, cell_h = width / cols, height / rows
+    xs = np.arange(cols) * cell_w  # left edges
+    ys = np.arange(rows) * cell_h  # top edges
+    overlap_x = np.clip(np.minimum(xs + cell_w, x2) - np.maximum(xs, x1), 0, None)  # (cols,)
+    overlap_y = np.clip(np.minimum(ys + cell_h, y2) - np.maximum(ys, y1), 0, None)  # (rows,)
+    cover = np.outer(overlap_y, overlap_x) / (cell_w * cell_h)  # (rows, cols) fraction of each cell covered
+    mask = cover >= min_cover - 1e-9
+    if not mask.any():
+        mask = np.zeros_like(mask)
+        mask[np.unravel_index(np.argmax(cover), cover.shape)] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LaViT-15K schema
+# ----------------------------------------------------------------------------------------------------------------
+
+COLUMNS = {
+    "id": "string: '<source>/<question_id>', unique",
+    "source": "string: the Visual-CoT source dataset",
+    "image": "image: the original image file (bytes, decoded to PIL by `datasets`)",
+    "image_size": "list<int32>[2]: width, height in pixels",
+    "question": "string: the question",
+    "answer": "string: the ground-truth answer",
+    "teacher_response": "string: the teacher's greedy answer with the image",
+    "text_only_response": "string: the teacher's greedy answer with the image withheld (filter stage 2)",
+    "bbox": "list<float32>[4] or null: the key region x1, y1, x2, y2 in pixels of the original image",
+    "gaze": "list<float32>: raw aggregated attention S_j per image token, row-major over gaze_grid (equation 2)",
+    "gaze_grid": "list<int32>[2]: rows, cols of the teacher's merged token grid",
+    "v_sem_mean": "list<float16>: teacher last-layer hidden states at the image tokens, mean-pooled (official code)",
+    "v_sem_gaze": "list<float16>: the same, pooled with the top-k of the min-max-normalised gaze (equation 3)",
+    "s_focus": "float32 or null: attention mass inside the box over the total (equation 1)",
+    "correct": "bool: filter stage 1, the teacher's answer matches the ground truth",
+    "text_only_correct": "bool: filter stage 2, the teacher still answers without the image (then dropped)",
+    "aligned": "bool: filter stage 3, s_focus >= the threshold (0.20)",
+    "kept": "bool: passed all three stages (the `kept` config)",
+    "reject_reason": "string or null: the first failed stage: incorrect, solvable_without_image or unfocused",
+    "teacher_model": "string: the teacher checkpoint",
+}
+
+
+def features():
+    """The `datasets.Features` of LaViT-15K."""
+    from datasets import Features, Image, List, Value
+
+    return Features(
+        {
+            "id": Value("string"),
+            "source": Value("string"),
+            "image": Image(),
+            "image_size": List(Value("int32"), length=2),
+            "question": Value("string"),
+            "answer": Value("string"),
+            "teacher_response": Value("string"),
+            "text_only_response": Value("string"),
+            "bbox": List(Value("float32"), length=4),
+            "gaze": List(Value("float32")),
+            "gaze_grid": List(Value("int32"), length=2),
+            "v_sem_mean": List(Value("float16")),
+            "v_sem_gaze": List(Value("float16")),
+            "s_focus": Value("float32"),
+            "correct": Value("bool"),
+            "text_only_correct": Value("bool"),
+            "aligned": Value("bool"),
+            "kept": Value("bool"),
+            "reject_reason": Value("string"),
+            "teacher_model": Value("string"),
+        }
+    )
+
+
+def write_parquet_atomic(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Writes `rows` (LaViT-15K rows) as one parquet shard; the file appears complete or not at all."""
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    columns = {name: [row[name] for row in rows] for name in COLUMNS}
+    # The Arrow table carries the `datasets` features in its schema metadata, so Image columns decode on load.
+    pq.write_table(Dataset.from_dict(columns, features=features()).data.table, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(data: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_lavit_dataset(path: str | os.PathLike, config: str = "kept"):
+    """Loads LaViT-15K (`config` `"kept"`: the training set, `"all"`: every processed sample with its flags) from a
+    local folder or a hub id, as a `datasets.Dataset` with decoded PIL images."""
+    from datasets import load_dataset
+
+    if config not in ("kept", "all"):
+        raise ValueError(f"LaViT-15K has the configs 'kept' and 'all', not {config!r}.")
+    if os.path.isdir(path) and not list(Path(path, config).glob("*.parquet")):
+        raise ValueError(
+            f"{path} has no '{config}' shards; build them with examples/build_lavit_dataset.py --output-dir {path}."
+        )
+    return load_dataset(str(path), config, split="train")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics and the dataset card
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def dataset_statistics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tables A3 and A4 of the paper for `rows` (dicts with `source`, `question`, `answer`, `image_size`,
+    `gaze_grid`, `v_sem_mean`)."""
+    n = len(rows)
+    counts = Counter(r["source"] for r in rows)
+    words = lambda text: len(text.split())  # noqa: E731
+    stats = {
+        "samples": n,
+        "sources": {s: {"samples": c, "percent": 100.0 * c / n} for s, c in counts.most_common()},
+    }
+    if n:
+        stats.update(
+            avg_question_words=float(np.mean([words(r["question"]) for r in rows])),
+            max_question_words=int(max(words(r["question"]) for r in rows)),
+            avg_answer_words=float(np.mean([words(r["answer"]) for r in rows])),
+            avg_width=float(np.mean([r["image_size"][0] for r in rows])),
+            avg_height=float(np.mean([r["image_size"][1] for r in rows])),
+            avg_visual_tokens=float(np.mean([r["gaze_grid"][0] * r["gaze_grid"][1] for r in rows])),
+            feature_dim=int(len(rows[0]["v_sem_mean"])),
+        )
+    return stats
+
+
+def size_category(n: int) -> str:
+    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < bound:
+            return name
+    return "n>1M"
+
+
+def render_dataset_card(
+    kept_stats: dict[str, Any],
+    all_stats: dict[str, Any],
+    summary: dict[str, Any],
+    command: str,
+    teacher: str,
+    pretty_name: str = "LaViT-15K",
+) -> str:
+    """The dataset card (README.md) of a built LaViT-15K folder: YAML header, summary, columns, generation,
+    statistics (Tables A3, A4), licences and citation."""
+    sources = sorted(all_stats["sources"])
+    lines = [
+        "---",
+        "license: other",
+        "license_name: upstream-licences",
+        "license_link: LICENSE.md",
+        "task_categories:",
+        "- visual-question-answering",
+        "- image-text-to-text",
+        "language:",
+        "- en",
+        "size_categories:",
+        f"- {size_category(kept_stats['samples'])}",
+        f"pretty_name: {pretty_name}",
+        "tags:",
+        "- lavit",
+        "- knowledge-distillation",
+        "- visual-grounding",
+        "- attention",
+        "source_datasets:",
+        "- deepcs233/Visual-CoT",
+        "configs:",
+        "- config_name: kept",
+        "  default: true",
+        "  data_files:",
+        "  - split: train",
+        "    path: kept/*.parquet",
+        "- config_name: all",
+        "  data_files:",
+        "  - split: train",
+        "    path: all/*.parquet",
+        "---",
+        "",
+        f"# {pretty_name}",
+        "",
+        "## Summary",
+        "",
+        f"Visual-CoT questions with the white-box signals of the teacher `{teacher}`, as LaViT (Aligning Latent "
+        "Visual Thoughts for Multi-modal Reasoning, section 4.1) distils them: for every image token the teacher's "
+        "aggregated attention while it answers (the gaze, equation 2) and its last-layer visual semantics pooled two "
+        "ways. Samples pass a three-stage filter: (1) the teacher answers correctly, (2) it cannot answer without "
+        "the image, (3) at least 20% of its attention falls inside the annotated key region (S_focus, equation 1).",
+        "",
+        f"- `kept` (default): the {kept_stats['samples']} samples that pass all three stages, the training set.",
+        f"- `all`: all {all_stats['samples']} processed samples with their filter flags and rejection reason, for "
+        "analyses such as accuracy against visual focus.",
+        "",
+        "| processed | kept | " + " | ".join(f"rejected: {k}" for k in sorted(summary["rejected"])) + " | skipped (input) |",
+        "|---|---|" + "---|" * len(summary["rejected"]) + "---|",
+        f"| {summary['processed']} | {summary['kept']} | "
+        + " | ".join(str(summary["rejected"][k]) for k in sorted(summary["rejected"]))
+        + f" | {summary['skipped']} |",
+        "",
+        "Skipped inputs (missing or corrupt images, malformed records, boxes outside the image, ...) are listed with "
+        "their reason in `skipped_records.jsonl` and `rejections/*.jsonl`.",
+        "",
+        "## Data structure",
+        "",
+        "| column | type and meaning |",
+        "|---|---|",
+    ]
+    lines += [f"| `{name}` | {meaning} |" for name, meaning in COLUMNS.items()]
+    lines += [
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        f'kept = load_dataset("<this repo or folder>", "kept", split="train")',
+        "```",
+        "",
+        "## How it was generated",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "One teacher-forced forward pass over [image, question, teacher response] per sample gives both signals: "
+        "attention probabilities of the chosen query rows over the image keys are recomputed from those rows only "
+        "(no attention matrix is materialised) and averaged over all text layers, heads and rows; the last-layer "
+        "hidden states at the image positions come from the same pass.",
+        "",
+        "## Statistics (`kept`)",
+        "",
+        "| source | samples | percent |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {s} | {v['samples']} | {v['percent']:.2f}% |" for s, v in kept_stats["sources"].items()]
+    lines += [f"| **total** | **{kept_stats['samples']}** | **100.00%** |", ""]
+    if kept_stats["samples"]:
+        lines += [
+            "| statistic | value |",
+            "|---|---|",
+            f"| avg. question length | {kept_stats['avg_question_words']:.2f} words |",
+            f"| max. question length | {kept_stats['max_question_words']} words |",
+            f"| avg. answer length | {kept_stats['avg_answer_words']:.2f} words |",
+            f"| avg. image resolution | {kept_stats['avg_width']:.0f} x {kept_stats['avg_height']:.0f} pixels |",
+            f"| avg. visual tokens | {kept_stats['avg_visual_tokens']:.2f} |",
+            f"| feature dimension | {kept_stats['feature_dim']} |",
+            "",
+        ]
+    lines += [
+        "## Licences",
+        "",
+        "The questions, answers, boxes and images come from Visual-CoT (`deepcs233/Visual-CoT`), which gathers them "
+        f"from the source datasets present here ({', '.join(sources)}). Each keeps the licence and terms of use of "
+        "its origin, several of which restrict commercial use or redistribution of the images; check them before "
+        "you publish or use this dataset. The teacher signals are outputs of the teacher model, under its licence.",
+        "",
+        "## Citation",
+        "",
+        "```bibtex",
+        "@article{lavit,",
+        "  title  = {LaViT: Aligning Latent Visual Thoughts for Multi-modal Reasoning},",
+        "  author = {Wu, Linquan and Jiang, Tianxiang and Dong, Yifei and Yang, Haoyu and Zhang, Fengji and Meng, "
+        "Shichang and Xuan, Ai and Song, Linqi and Keung, Jacky}",
+        "}",
+        "@inproceedings{shao2024visualcot,",
+        "  title     = {Visual CoT: Advancing Multi-Modal Language Models with a Comprehensive Dataset and Benchmark for "
+        "Chain-of-Thought Reasoning},",
+        "  author    = {Shao, Hao and Qian, Shengju and Xiao, Han and Song, Guanglu and Zong, Zhuofan and Wang, Letian "
+        "and Liu, Yu and Li, Hongsheng},",
+        "  booktitle = {NeurIPS Datasets and Benchmarks},",
+        "  year      = {2024}",
+        "}",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def sample_as_dict(sample: VisualCoTSample) -> dict[str, Any]:
+    return asdict(sample)
+
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Publishing
+# ----------------------------------------------------------------------------------------------------------------
+
+UPLOAD_PATTERNS = ["README.md", "LICENSE.md", "builder_config.json", "skipped_records.jsonl", "kept/*.parquet",
+                   "all/*.parquet", "rejections/*.jsonl"]
+
+
+def upload_plan(folder: str | os.PathLike) -> list[tuple[str, int]]:
+    """The files a push of `folder` uploads, as `(relative path, bytes)`, in upload order."""
+    import fnmatch
+
+    root = Path(folder)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    chosen = [f for f in files if any(fnmatch.fnmatch(f, pattern) for pattern in UPLOAD_PATTERNS)]
+    return [(f, (root / f).stat().st_size) for f in chosen]
+
+
+def push_dataset_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, dry_run: bool = False):
+    """Uploads a built LaViT-15K folder to the Hub as a dataset repository with `huggingface_hub`.
+
+    With `dry_run` nothing touches the network: the returned plan lists exactly what would be uploaded.
+    """
+    if not (Path(folder) / "README.md").exists():
+        raise ValueError(f"{folder} has no dataset card (README.md); finish the build before pushing.")
+    plan = upload_plan(folder)
+    if dry_run:
+        return plan
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="dataset",
+        allow_patterns=[f for f, _ in plan],
+        commit_message="Upload LaViT-15K built with examples/build_lavit_dataset.py",
+    )
+    return plan
+
+
+__all__ = [
+    "VisualCoTSample",
+    "SkippedRecord",
+    "parse_visual_cot_record",
+    "read_visual_cot",
+    "clip_box",
+    "box_to_token_mask",
+    "COLUMNS",
+    "features",
+    "write_parquet_atomic",
+    "load_lavit_dataset",
+    "dataset_statistics",
+    "render_dataset_card",
+    "upload_plan",
+    "push_dataset_to_hub",
+]
