@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_times, machine, steady_peak, write_section  # noqa: E402
+from common import interleaved_times, report, steady_peak  # noqa: E402
 
 from data_lavit import write_parquet_atomic  # noqa: E402
 from modeling_lavit import enable_lavit_attention  # noqa: E402
@@ -188,10 +188,7 @@ def main(argv=None):
         (">= 100x fewer bytes per sample", all(f / o >= 100 for _, _, o, f in sizes)),
     ]
     lines += ["", "| goal | result |", "|---|---|"] + [f"| {g} | {'pass' if ok else 'FAIL'} |" for g, ok in verdicts]
-    body = "\n".join(lines)
-    print(f"bench_extraction on {machine()}\n{body}")
-    if args.write_results:
-        write_section("bench_extraction: teacher signals, one pass vs the official method", body)
+    report("bench_extraction", "bench_extraction: teacher signals, one pass vs the official method", "\n".join(lines), args.write_results)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_times, machine, steady_peak, write_section  # noqa: E402
+from common import interleaved_times, report, steady_peak  # noqa: E402
 
 from conversion_lavit import convert_qwen2_5_vl_to_lavit, export_to_qwen2_5_vl  # noqa: E402
 from modeling_lavit import LavitForConditionalGeneration  # noqa: E402
@@ -154,21 +154,16 @@ def main(argv=None):
         "| batch (tokens per sample) | stock s | LaViT s | time ratio | stock peak MiB | LaViT peak MiB | memory ratio | goal <= 1.10 |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    verdicts = []
     for batch_size, lengths, times, memory in rows:
         time_ratio = times["lavit"] / times["stock"]
         memory_ratio = memory["lavit"] / memory["stock"]
         ok = time_ratio <= GOAL and memory_ratio <= GOAL
-        verdicts.append(ok)
         lines.append(
             f"| {batch_size} ({', '.join(str(int(n)) for n in lengths)}) | {times['stock']:.3f} | {times['lavit']:.3f} | "
             f"{time_ratio:.3f} | {memory['stock'] / 2**20:.0f} | {memory['lavit'] / 2**20:.0f} | {memory_ratio:.3f} | "
             f"{'pass' if ok else 'FAIL'} |"
         )
-    body = "\n".join(lines)
-    print(f"bench_forward on {machine()}\n{body}")
-    if args.write_results:
-        write_section("bench_forward: LaViT forward+backward vs stock Qwen2.5-VL", body)
+    report("bench_forward", "bench_forward: LaViT forward+backward vs stock Qwen2.5-VL", "\n".join(lines), args.write_results)
 
 
 if __name__ == "__main__":

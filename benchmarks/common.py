@@ -87,3 +87,10 @@ def write_section(name: str, body: str) -> None:
     pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
     text = pattern.sub(block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
+
+
+def report(script: str, section: str, body: str, write: bool) -> None:
+    """Prints a benchmark's table with the machine, and with `write` stores it as a section of RESULTS.md."""
+    print(f"{script} on {machine()}\n{body}")
+    if write:
+        write_section(section, body)
