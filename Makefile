@@ -28,7 +28,9 @@ demo: install
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py --output-dir demo_output
 
 bench: install
-	$(PY) benchmarks/bench_forward.py
+	$(PY) benchmarks/bench_forward.py --write-results
+	$(PY) benchmarks/bench_extraction.py --write-results
+	$(PY) benchmarks/bench_train_step.py --write-results
 
 clean:
 	rm -rf $(VENV) demo_output build *.egg-info

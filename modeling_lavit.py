@@ -406,6 +406,34 @@ def trajectory_loss(
     return terms.sum(dim=(1, 2)).mean()
 
 
+def labelled_token_loss(
+    lm_head: nn.Module,
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Next-token cross-entropy computed from the labelled positions only, without the `(B, L, vocab)` logits.
+
+    Args:
+        lm_head: the output projection.
+        hidden_states: `(B, L, D)` last hidden states.
+        labels: `(B, L)`, `ignore_index` where no loss is taken; position i predicts label i + 1.
+        num_items_in_batch: the divisor (the labelled tokens of the whole accumulated batch, as the Trainer counts
+            them); default: the labelled tokens here.
+    Returns:
+        scalar: summed token losses over `num_items_in_batch` (the same value `ForCausalLMLoss` gives).
+    """
+    targets = labels[:, 1:].to(hidden_states.device)  # (B, L - 1)
+    keep = targets != ignore_index
+    logits = lm_head(hidden_states[:, :-1][keep]).float()  # (n, vocab)
+    total = F.cross_entropy(logits, targets[keep], reduction="sum")
+    divisor = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp_min(1)
+    if torch.is_tensor(divisor):
+        divisor = divisor.to(total.device)
+    return total / divisor
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------
@@ -530,6 +558,7 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         output_latent_attention: bool = False,
         teacher_semantics: torch.Tensor | None = None,
         teacher_trajectory: torch.Tensor | None = None,
+        return_logits: bool = True,
         **kwargs,
     ) -> LavitCausalLMOutputWithPast:
         r"""
@@ -547,6 +576,9 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         teacher_trajectory (`torch.Tensor` of shape `(batch_size, [K,] num_image_tokens)`, *optional*):
             The teacher's gaze on the student's image grid, each row a distribution; when given, latent attention is
             computed and `trajectory_loss` (equation 7) is returned.
+        return_logits (`bool`, *optional*, defaults to `True`):
+            With `False` the `(B, L, vocab)` logits are not built: the next-token loss is computed from the labelled
+            positions only (`labelled_token_loss`) and `logits` is None. Training uses it.
         lavit_control (`LavitAttentionControl`, *optional*, in `kwargs`):
             Replaces the control the model builds from its gate and `output_latent_attention` (for analyses that
             record other rows); `latent_image_attention` is then not computed.
@@ -663,11 +695,16 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (B, L, D)
-        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
         kwargs.pop("lavit_control", None)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=config.text_config.vocab_size, **kwargs)
+        loss = logits = None
+        if return_logits:
+            logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+            if labels is not None:
+                loss = self.loss_function(
+                    logits=logits, labels=labels, vocab_size=config.text_config.vocab_size, **kwargs
+                )
+        elif labels is not None:
+            loss = labelled_token_loss(self.lm_head, hidden_states, labels, kwargs.get("num_items_in_batch"))
 
         latent_hidden_states = concept_embeds = None
         if compute_latents:
@@ -732,6 +769,7 @@ __all__ = [
     "image_attention_capture",
     "concept_loss",
     "trajectory_loss",
+    "labelled_token_loss",
     "find_latent_tokens",
     "padded_positions",
     "count_images",

@@ -279,3 +279,18 @@ def test_capture_works_on_a_stock_teacher(lavit_model, processor, two_images):
         ref = torch.stack([a[b][:, r][:, :, cols].double().mean(0).mean(0) for a in attentions]).mean(0)
         n = cols.numel()
         assert (got[b, :n].double() - ref).abs().max().item() <= 1e-6
+
+
+def test_loss_without_logits_equals_the_stock_loss(lavit_model, processor, two_images):
+    inputs = batch_inputs(processor, two_images)
+    labels = inputs["input_ids"].clone()
+    labels[:, :-6] = -100  # the last tokens only, as a completion
+    labels[inputs["attention_mask"] == 0] = -100
+    with torch.no_grad():
+        full = lavit_model(**inputs, labels=labels)
+        lean = lavit_model(**inputs, labels=labels, return_logits=False)
+        counted = lavit_model(**inputs, labels=labels, return_logits=False, num_items_in_batch=torch.tensor(40))
+    assert lean.logits is None
+    assert abs(full.loss.item() - lean.loss.item()) <= 1e-5
+    n = int((labels[:, 1:] != -100).sum())
+    assert abs(counted.loss.item() - lean.loss.item() * n / 40) <= 1e-5

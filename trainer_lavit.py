@@ -1,0 +1,583 @@
+# Copyright 2026 The LaViT developers. Licensed under the Apache License, Version 2.0.
+"""The LaViT trainer: TRL's `SFTTrainer` with curriculum sensory gating and the distillation losses (paper
+sections 4.2-4.2.3, 5.1, Table 3, appendix A.2 and C.2).
+
+    L_total = L_ntp + lambda_c * L_concept + lambda_t * L_traj                                   (equation 9)
+
+* `LavitSFTConfig`: `SFTConfig` whose defaults are the paper's recipe (Table A1), plus the LaViT fields; every
+  baseline and ablation of Table 3 and Table A2 is a setting of it.
+* `sensory_gate` and `SensoryGateCallback`: gamma(t) of equation 5 (or the ablations' step and constant schedules),
+  set on the model from `state.global_step` at every step, so a resumed run continues exactly.
+* `LavitDataCollator`: TRL's vision-language collator on the prompt/completion form of each LaViT-15K row (the
+  latent tokens lead the completion, so the labels cover them and the answer, never the prompt or image pads) plus
+  the teacher targets: V_sem, and the gaze resized bilinearly to the student's token grid, min-max normalised,
+  top-k sparsified and normalised (C.2).
+* `LavitSFTTrainer`: `compute_loss` adds the concept and trajectory losses, logs every component and gamma.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+from modeling_lavit import LavitForConditionalGeneration, concept_loss, trajectory_loss
+from processing_lavit import LavitProcessor
+
+
+logger = logging.getLogger(__name__)
+
+GATE_SCHEDULES = ("cosine", "step", "none")
+CONCEPT_TARGETS = {"mean": "v_sem_mean", "gaze": "v_sem_gaze"}
+TRAJECTORY_TOKENS = ("all_latents", "last_latent")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Curriculum sensory gating
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sensory_gate(step: int, warmup_steps: int, epsilon: float = 1e-6, schedule: str = "cosine") -> float:
+    """gamma(t), the sensory gate at optimizer step `step`.
+
+    * `"cosine"` (equation 5): epsilon + (1 - epsilon) / 2 * (1 - cos(pi * t / T_w)) for t < T_w, then 1;
+    * `"step"` (Table 3, "w/o curriculum gating"): 0 (a hard mask) for t < T_w, then 1;
+    * `"none"` (Table 3, "single stage"): always 1.
+    """
+    if schedule not in GATE_SCHEDULES:
+        raise ValueError(f"gate_schedule must be one of {GATE_SCHEDULES}, got {schedule!r}.")
+    if schedule == "none" or step >= warmup_steps:
+        return 1.0
+    if schedule == "step":
+        return 0.0
+    return epsilon + (1.0 - epsilon) / 2.0 * (1.0 - math.cos(math.pi * step / warmup_steps))
+
+
+def is_lavit_model(model) -> bool:
+    """Whether `model` is a LaViT model, this repository's class or the same class loaded as a checkpoint's remote
+    code (a distinct Python class of the same name)."""
+    if isinstance(model, LavitForConditionalGeneration):
+        return True
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) == "lavit" and callable(getattr(model, "set_sensory_gate", None))
+
+
+def unwrap_lavit(model) -> LavitForConditionalGeneration | None:
+    """The LaViT model inside DDP / DeepSpeed / FSDP / PEFT wrappers, or None."""
+    seen = 0
+    while seen < 8:
+        if is_lavit_model(model):
+            return model
+        if hasattr(model, "get_base_model"):  # PEFT
+            model = model.get_base_model()
+        elif hasattr(model, "module"):  # DDP, DeepSpeed
+            model = model.module
+        elif hasattr(model, "_fsdp_wrapped_module"):
+            model = model._fsdp_wrapped_module
+        else:
+            return None
+        seen += 1
+    return None
+
+
+class SensoryGateCallback(TrainerCallback):
+    """Sets the model's sensory gate to gamma(`state.global_step`) at the start of every optimizer step (and of
+    training, so a resumed run starts from the gate its step calls for)."""
+
+    def __init__(self, warmup_steps: int, epsilon: float = 1e-6, schedule: str = "cosine"):
+        sensory_gate(0, warmup_steps, epsilon, schedule)  # validates
+        self.warmup_steps = warmup_steps
+        self.epsilon = epsilon
+        self.schedule = schedule
+
+    def gamma(self, step: int) -> float:
+        return sensory_gate(step, self.warmup_steps, self.epsilon, self.schedule)
+
+    def _set(self, state, model) -> None:
+        lavit = unwrap_lavit(model)
+        if lavit is not None:
+            lavit.set_sensory_gate(self.gamma(state.global_step))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._set(state, model)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._set(state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        # The trained model runs with the gate open, as at inference (the buffer is not saved either).
+        lavit = unwrap_lavit(model)
+        if lavit is not None:
+            lavit.set_sensory_gate(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Teacher targets (C.2)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resize_gaze(gaze: torch.Tensor, source_grid: tuple[int, int], target_grid: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a gaze map from the teacher's token grid to the student's (`align_corners=False`, the
+    convention of `torch.nn.functional.interpolate`).
+
+    Args:
+        gaze: `(rows_t * cols_t,)` or `(rows_t, cols_t)`. source_grid, target_grid: `(rows, cols)`.
+    Returns:
+        `(rows_s, cols_s)` float32.
+    """
+    rows, cols = source_grid
+    gaze = torch.as_tensor(gaze, dtype=torch.float32)
+    if gaze.numel() != rows * cols:
+        raise ValueError(f"A gaze of {gaze.numel()} values does not fill its {rows} x {cols} grid.")
+    grid = gaze.reshape(1, 1, rows, cols)
+    if (rows, cols) == tuple(target_grid):
+        return grid[0, 0].clone()
+    return F.interpolate(grid, size=tuple(target_grid), mode="bilinear", align_corners=False)[0, 0]
+
+
+def sparsify_gaze(gaze: torch.Tensor, top_k: int = 8, eps: float = 1e-8) -> torch.Tensor:
+    """Min-max normalises a map (equation 3), keeps its `top_k` largest entries and normalises them to a
+    distribution (the trajectory target of equation 7). A flat map spreads evenly over its first `top_k` entries.
+
+    Args:
+        gaze: any shape. Returns: same shape, non-negative, summing to 1, at most `top_k` non-zeros.
+    """
+    flat = torch.as_tensor(gaze, dtype=torch.float32).reshape(-1)
+    normalised = (flat - flat.min()) / (flat.max() - flat.min() + eps)
+    k = min(top_k, flat.numel())
+    top = normalised.topk(k)
+    values = top.values if float(top.values.sum()) > 0 else torch.ones_like(top.values)
+    out = torch.zeros_like(flat).scatter(0, top.indices, values)
+    return (out / out.sum()).reshape(torch.as_tensor(gaze).shape)
+
+
+def trajectory_target(gaze, teacher_grid, student_grid, top_k: int = 8) -> torch.Tensor:
+    """C.2: the teacher's gaze resized to the student's grid, min-max normalised, top-k sparsified and normalised;
+    `(rows_s * cols_s,)` row-major, as the student's image tokens are ordered."""
+    return sparsify_gaze(resize_gaze(gaze, teacher_grid, student_grid), top_k).reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LavitSFTConfig(SFTConfig):
+    r"""
+    Configuration of [`LavitSFTTrainer`]: TRL's `SFTConfig` with the paper's recipe as defaults (Table A1) and the
+    LaViT fields. Every row of Table 3 and Table A2 is a setting:
+
+    | run | setting |
+    |---|---|
+    | LaViT (paper) | the defaults |
+    | w/o trajectory alignment | `trajectory_loss_coef=0` |
+    | w/o semantic reconstruction | `concept_loss_coef=0` |
+    | w/o curriculum sensory gating | `gate_schedule="step"` |
+    | single stage | `gate_schedule="none"` |
+    | K = 4, 6, 8 | a student converted with that K |
+    | Naive SFT | `distill=False` |
+
+    Parameters:
+        concept_loss_coef (`float`, *optional*, defaults to `0.3`):
+            lambda of L_concept in equation 9.
+        trajectory_loss_coef (`float`, *optional*, defaults to `0.3`):
+            lambda of L_traj in equation 9.
+        gate_schedule (`str`, *optional*, defaults to `"cosine"`):
+            `"cosine"` (equation 5), `"step"` (gamma = 0, a hard mask, for t < T_w, then 1) or `"none"` (gamma = 1).
+        gate_warmup_steps (`int`, *optional*, defaults to `400`):
+            T_w, the length of phase 1 in optimizer steps.
+        gate_epsilon (`float`, *optional*, defaults to `1e-6`):
+            epsilon, the gate at step 0 of the cosine schedule.
+        concept_target (`str`, *optional*, defaults to `"gaze"`):
+            Which pooling of V_sem L_concept reconstructs: `"gaze"` (top-k of the gaze, equation 3) or `"mean"` (the
+            official code's mean over the image tokens).
+        trajectory_target_tokens (`str`, *optional*, defaults to `"all_latents"`):
+            `"all_latents"`: equation 7 sums the KL over the K latent tokens; `"last_latent"`: the last one only.
+        trajectory_topk (`int`, *optional*, defaults to `8`):
+            k of the top-k sparsification of the trajectory target.
+        distill (`bool`, *optional*, defaults to `True`):
+            `False` trains the Naive-SFT baseline: the same data, text-only supervision, no latent tokens.
+        freeze_vision_tower (`bool`, *optional*, defaults to `True`):
+            Whether the vision encoder is frozen (the language model is trained).
+        response_column (`str`, *optional*, defaults to `"answer"`):
+            The dataset column the model learns to answer with (`"answer"`, or `"teacher_response"`).
+        learning_rate, lr_scheduler_type, warmup_ratio, weight_decay, max_steps, per_device_train_batch_size:
+            The paper's 5e-6, linear decay, 0.03, 0, 1000 and 16.
+    """
+
+    concept_loss_coef: float = field(default=0.3, metadata={"help": "lambda of L_concept (equation 9)."})
+    trajectory_loss_coef: float = field(default=0.3, metadata={"help": "lambda of L_traj (equation 9)."})
+    gate_schedule: str = field(
+        default="cosine", metadata={"help": "Sensory gate schedule: cosine (eq. 5), step (hard mask, then open) or none."}
+    )
+    gate_warmup_steps: int = field(default=400, metadata={"help": "T_w, the length of phase 1 in optimizer steps."})
+    gate_epsilon: float = field(default=1e-6, metadata={"help": "epsilon, the gate at step 0 of the cosine schedule."})
+    concept_target: str = field(
+        default="gaze", metadata={"help": "V_sem pooling to reconstruct: gaze (top-k, eq. 3) or mean (official)."}
+    )
+    trajectory_target_tokens: str = field(
+        default="all_latents", metadata={"help": "all_latents (eq. 7 sums over K) or last_latent."}
+    )
+    trajectory_topk: int = field(default=8, metadata={"help": "k of the trajectory target's top-k sparsification."})
+    distill: bool = field(default=True, metadata={"help": "False trains the Naive-SFT baseline (no latent tokens)."})
+    freeze_vision_tower: bool = field(default=True, metadata={"help": "Freeze the vision encoder."})
+    response_column: str = field(default="answer", metadata={"help": "Dataset column holding the target answer."})
+    # The paper's recipe (Table A1)
+    learning_rate: float = field(default=5e-6, metadata={"help": "Initial learning rate (paper: 5e-6)."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "Learning-rate schedule (paper: linear)."})
+    warmup_ratio: float | None = field(default=0.03, metadata={"help": "Learning-rate warm-up ratio (paper: 0.03)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (paper: 0)."})
+    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps (paper: 1000)."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Per-device batch size (paper: 16)."})
+    # What the LaViT data path needs
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the collator reads the teacher columns."}
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "Truncation length; None keeps every image token (images reach 1280)."}
+    )
+    prediction_loss_only: bool = field(default=True, metadata={"help": "Evaluation reports losses only."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on when CUDA has it."})
+    activation_checkpointing: bool | None = field(
+        default=True, metadata={"help": "Recompute activations in the backward (non-reentrant; saves memory)."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+        if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None:
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        super().__post_init__()
+        self.validate_lavit()
+
+    def validate_lavit(self) -> None:
+        """Raises a `ValueError` naming the field and the fix."""
+        for name in ("concept_loss_coef", "trajectory_loss_coef"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}; 0 removes the loss (an ablation).")
+        if self.gate_schedule not in GATE_SCHEDULES:
+            raise ValueError(f"gate_schedule must be one of {GATE_SCHEDULES}, got {self.gate_schedule!r}.")
+        if self.gate_warmup_steps < 0:
+            raise ValueError(f"gate_warmup_steps must be >= 0, got {self.gate_warmup_steps} (paper: 400).")
+        if not 0 < self.gate_epsilon < 1:
+            raise ValueError(f"gate_epsilon must lie in (0, 1), got {self.gate_epsilon} (paper: 1e-6).")
+        if self.concept_target not in CONCEPT_TARGETS:
+            raise ValueError(f"concept_target must be one of {sorted(CONCEPT_TARGETS)}, got {self.concept_target!r}.")
+        if self.trajectory_target_tokens not in TRAJECTORY_TOKENS:
+            raise ValueError(
+                f"trajectory_target_tokens must be one of {TRAJECTORY_TOKENS}, got {self.trajectory_target_tokens!r}."
+            )
+        if self.trajectory_topk < 1:
+            raise ValueError(f"trajectory_topk must be >= 1, got {self.trajectory_topk} (paper: 8).")
+        if self.remove_unused_columns:
+            raise ValueError(
+                "remove_unused_columns must be False: the LaViT collator reads the image, question and teacher columns."
+            )
+        uses_side_channel = self.distill and self.trajectory_loss_coef > 0
+        if uses_side_channel and self.gradient_checkpointing and (self.gradient_checkpointing_kwargs or {}).get(
+            "use_reentrant"
+        ):
+            raise ValueError(
+                "Reentrant gradient checkpointing (use_reentrant=True) silently cuts the gradients of the latent "
+                "tokens' attention, so L_traj would not train the model. Use gradient_checkpointing_kwargs="
+                "{'use_reentrant': False} (the default here) or gradient_checkpointing=False."
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collator
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LavitDataCollator:
+    """Turns LaViT-15K rows into a training batch.
+
+    Each row becomes the prompt/completion form of `LavitProcessor.to_prompt_completion` (the latent tokens lead the
+    completion when distilling; none for Naive SFT) and goes through TRL's `DataCollatorForVisionLanguageModeling`,
+    which keeps `mm_token_type_ids` and labels the completion only. When distilling, the batch also carries
+    `teacher_semantics` `(B, D_t)` and `teacher_trajectory` `(B, N)`: each sample's target distribution over its
+    student image tokens, right-padded with zeros.
+
+    Args:
+        processor: the student's `LavitProcessor`.
+        distill: whether to add latent tokens and teacher targets.
+        concept_target: `"gaze"` or `"mean"` (which V_sem column).
+        teacher_hidden_size: the expected width of V_sem (the model's concept head output).
+        trajectory_topk: k of the trajectory target.
+        response_column: the answer column.
+        max_length: truncation length of TRL's collator (None: none).
+    """
+
+    def __init__(
+        self,
+        processor: LavitProcessor,
+        distill: bool = True,
+        concept_target: str = "gaze",
+        teacher_hidden_size: int | None = None,
+        trajectory_topk: int = 8,
+        response_column: str = "answer",
+        max_length: int | None = None,
+    ):
+        self.processor = processor
+        # TRL renders the prompt with the generation prompt: it must not bring the latent tokens itself, or they
+        # would land in the (unlabelled) prompt instead of leading the completion.
+        template_processor = copy.copy(processor)
+        template_processor.add_latent_tokens = False
+        self.vision_collator = DataCollatorForVisionLanguageModeling(
+            processor=template_processor, completion_only_loss=True, max_length=max_length
+        )
+        self.distill = distill
+        self.semantics_column = CONCEPT_TARGETS[concept_target]
+        self.teacher_hidden_size = teacher_hidden_size
+        self.trajectory_topk = trajectory_topk
+        self.response_column = response_column
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        examples = [
+            self.processor.to_prompt_completion(
+                [row["image"]], row["question"], row[self.response_column], use_latent_tokens=self.distill
+            )
+            for row in rows
+        ]
+        batch = self.vision_collator(examples)
+        if not self.distill:
+            return batch
+        grids = [(int(t[1]) // 2, int(t[2]) // 2) for t in batch["image_grid_thw"].tolist()]
+        width = max(r * c for r, c in grids)
+        trajectory = torch.zeros(len(rows), width)
+        semantics = []
+        for b, (row, grid) in enumerate(zip(rows, grids)):
+            sample = row.get("id", f"#{b}")
+            gaze = np.asarray(row["gaze"], dtype=np.float32)
+            teacher_grid = tuple(int(v) for v in row["gaze_grid"])
+            if gaze.size != teacher_grid[0] * teacher_grid[1]:
+                raise ValueError(
+                    f"Sample {sample}: its gaze has {gaze.size} values but its gaze_grid {list(teacher_grid)} holds "
+                    f"{teacher_grid[0] * teacher_grid[1]}; rebuild the sample with examples/build_lavit_dataset.py."
+                )
+            vector = np.asarray(row[self.semantics_column], dtype=np.float32)
+            for name, values in (("gaze", gaze), (self.semantics_column, vector)):
+                if not np.isfinite(values).all():
+                    raise ValueError(f"Sample {sample}: its {name} holds NaN or inf; drop or rebuild the sample.")
+            if self.teacher_hidden_size is not None and vector.size != self.teacher_hidden_size:
+                raise ValueError(
+                    f"Sample {sample}: V_sem ({self.semantics_column}) has width {vector.size} but the model's concept "
+                    f"head outputs teacher_hidden_size={self.teacher_hidden_size}; convert the student with "
+                    f"teacher_hidden_size={vector.size} (the teacher's width)."
+                )
+            target = trajectory_target(gaze, teacher_grid, grid, self.trajectory_topk)
+            trajectory[b, : target.numel()] = target
+            semantics.append(torch.from_numpy(vector))
+        batch["teacher_semantics"] = torch.stack(semantics)
+        batch["teacher_trajectory"] = trajectory
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------------
+
+TEACHER_COLUMNS = ("image", "question", "gaze", "gaze_grid")
+
+
+class LavitSFTTrainer(SFTTrainer):
+    """`SFTTrainer` with LaViT's curriculum sensory gating and distillation losses.
+
+    `compute_loss` = L_ntp + concept_loss_coef * L_concept + trajectory_loss_coef * L_traj (equation 9), each term and
+    gamma logged in the trainer's metrics. With `distill=False` it trains the Naive-SFT baseline on the same data and
+    the same converted student (no latent tokens, no teacher targets, gate open). Takes the same arguments as `SFTTrainer`; `processing_class` must be the student's
+    `LavitProcessor` and `train_dataset` a LaViT-15K dataset (`load_lavit_dataset(path, "kept")`).
+    """
+
+    _tag_names = ["trl", "sft", "lavit"]
+
+    def __init__(self, model, args: LavitSFTConfig | None = None, train_dataset=None, processing_class=None,
+                 data_collator=None, callbacks=None, **kwargs):
+        if args is None:
+            args = LavitSFTConfig("lavit-sft")
+        if not isinstance(args, LavitSFTConfig):
+            raise TypeError(f"args must be a LavitSFTConfig, got {type(args).__name__}.")
+        if not callable(getattr(processing_class, "to_prompt_completion", None)):
+            raise ValueError(
+                "LavitSFTTrainer needs the student's LavitProcessor as processing_class "
+                "(AutoProcessor.from_pretrained(student_path, trust_remote_code=True))."
+            )
+        if isinstance(model, str):
+            raise ValueError("Pass a loaded model (e.g. AutoModelForImageTextToText.from_pretrained(path, "
+                             "trust_remote_code=True)), not a name.")
+        lavit = unwrap_lavit(model)
+        if lavit is None:
+            raise ValueError(
+                f"LavitSFTTrainer trains a LaViT model (convert the student with convert_qwen2_5_vl_to_lavit), got "
+                f"{type(model).__name__}. The Naive-SFT baseline trains the same converted student with distill=False; "
+                "export_to_qwen2_5_vl turns any of them into a stock checkpoint."
+            )
+        processing_class.check_model(lavit.config)
+        if train_dataset is not None:
+            self._check_columns(train_dataset, args, "train")
+        for name, eval_set in _named(kwargs.get("eval_dataset")):
+            self._check_columns(eval_set, args, name)
+        if args.freeze_vision_tower:
+            _visual(model).requires_grad_(False)
+        if data_collator is None:
+            data_collator = LavitDataCollator(
+                processing_class,
+                distill=args.distill,
+                concept_target=args.concept_target,
+                teacher_hidden_size=lavit.config.teacher_hidden_size,
+                trajectory_topk=args.trajectory_topk,
+                response_column=args.response_column,
+                max_length=args.max_length,
+            )
+        callbacks = list(callbacks or [])
+        if args.distill and not any(isinstance(c, SensoryGateCallback) for c in callbacks):
+            callbacks.append(SensoryGateCallback(args.gate_warmup_steps, args.gate_epsilon, args.gate_schedule))
+        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
+                         data_collator=data_collator, callbacks=callbacks, **kwargs)
+        if (
+            args.distill
+            and args.trajectory_loss_coef > 0
+            and self.args.gradient_checkpointing
+            and (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
+        ):
+            raise ValueError(
+                "This configuration forces reentrant gradient checkpointing (TRL does so for PEFT with DeepSpeed "
+                "ZeRO-3), which cuts the gradients of L_traj. Use ZeRO-2, full fine-tuning under ZeRO-3, or "
+                "gradient_checkpointing=False."
+            )
+        # compute_loss normalises the next-token loss by the Trainer's token count itself
+        self.model_accepts_loss_kwargs = True
+
+    @staticmethod
+    def _check_columns(dataset, args: LavitSFTConfig, name: str) -> None:
+        columns = set(getattr(dataset, "column_names", None) or next(iter(dataset)).keys())
+        needed = {"image", "question", args.response_column}
+        if args.distill:
+            needed |= {"gaze", "gaze_grid", CONCEPT_TARGETS[args.concept_target]}
+        missing = sorted(needed - columns)
+        if missing:
+            what = "teacher columns " if args.distill and set(missing) - {"image", "question", args.response_column} else "columns "
+            raise ValueError(
+                f"The {name} dataset lacks the {what}{missing} that {'distillation' if args.distill else 'SFT'} "
+                f"needs (it has {sorted(columns)}). Build LaViT-15K with examples/build_lavit_dataset.py, or set "
+                "distill=False for Naive SFT."
+            )
+
+    def _metric(self, mode: str, name: str, value: torch.Tensor | float) -> None:
+        if torch.is_tensor(value):
+            value = self.accelerator.gather_for_metrics(value.detach().float().reshape(1)).mean().item()
+        self._metrics[mode][name].append(float(value))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        semantics = inputs.pop("teacher_semantics", None)
+        trajectory = inputs.pop("teacher_trajectory", None)
+        args = self.args
+        want_trajectory = args.distill and args.trajectory_loss_coef > 0
+        want_concept = args.distill and args.concept_loss_coef > 0
+        outputs = model(
+            **inputs,
+            use_cache=False,
+            return_logits=False,
+            num_items_in_batch=num_items_in_batch,
+            output_latent_states=True if args.distill else False,
+            output_latent_attention=want_trajectory,
+        )
+        ntp = outputs.loss
+        # The Trainer skips its division by the accumulation steps when the loss is normalised by the token count of
+        # the whole accumulated batch; per-batch means must then be divided here.
+        scaled = num_items_in_batch is not None
+        steps = self.current_gradient_accumulation_steps if scaled else 1
+        if scaled and args.average_tokens_across_devices:
+            ntp = ntp * self.accelerator.num_processes  # DDP averages gradients; the count spans every rank
+        loss = ntp
+        if want_concept:
+            concept = concept_loss(outputs.concept_embeds, semantics.to(outputs.concept_embeds.device))
+            loss = loss + args.concept_loss_coef * concept / steps
+            self._metric(mode, "concept_loss", concept)
+        if want_trajectory:
+            student = outputs.latent_image_attention  # (B, K, N)
+            if args.trajectory_target_tokens == "last_latent":
+                student = student[:, -1:]
+            traj = trajectory_loss(trajectory.to(student.device), student, outputs.image_token_mask)
+            loss = loss + args.trajectory_loss_coef * traj / steps
+            self._metric(mode, "trajectory_loss", traj)
+        ntp_value = outputs.loss
+        if scaled:  # report the mean over this batch's labelled tokens, comparable across settings
+            counted = (inputs["labels"][:, 1:] != -100).sum().clamp_min(1)
+            ntp_value = outputs.loss * num_items_in_batch / counted
+        self._metric(mode, "ntp_loss", ntp_value)
+        if args.distill:
+            self._metric(mode, "sensory_gate", outputs.sensory_gate)
+        return (loss, outputs) if return_outputs else loss
+
+
+def _named(eval_dataset):
+    if eval_dataset is None:
+        return []
+    if isinstance(eval_dataset, dict):
+        return list(eval_dataset.items())
+    return [("eval", eval_dataset)]
+
+
+def _visual(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.visual
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PEFT
+# ----------------------------------------------------------------------------------------------------------------
+
+LANGUAGE_LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+def lavit_lora_config(model, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, **kwargs):
+    """A PEFT `LoraConfig` for LaViT: LoRA on the language model's attention and MLP projections (the regex leaves
+    the vision tower alone, whose MLP uses the same names), the latent tokens' embedding rows trainable, and the
+    concept head trained in full and saved with the adapter."""
+    from peft import LoraConfig
+
+    lavit = unwrap_lavit(model)
+    if lavit is None:
+        raise ValueError("lavit_lora_config needs a LaViT model.")
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=LANGUAGE_LORA_TARGETS,
+        trainable_token_indices={"embed_tokens": list(lavit.config.latent_token_ids)},
+        modules_to_save=["concept_head"],
+        **kwargs,
+    )
+
+
+__all__ = [
+    "sensory_gate",
+    "SensoryGateCallback",
+    "is_lavit_model",
+    "unwrap_lavit",
+    "resize_gaze",
+    "sparsify_gaze",
+    "trajectory_target",
+    "LavitSFTConfig",
+    "LavitDataCollator",
+    "LavitSFTTrainer",
+    "lavit_lora_config",
+    "concept_loss",
+    "trajectory_loss",
+]
