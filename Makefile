@@ -31,6 +31,7 @@ bench: install
 	$(PY) benchmarks/bench_forward.py --write-results
 	$(PY) benchmarks/bench_extraction.py --write-results
 	$(PY) benchmarks/bench_train_step.py --write-results
+	$(PY) benchmarks/bench_generate.py --write-results
 
 clean:
 	rm -rf $(VENV) demo_output build *.egg-info

@@ -44,6 +44,7 @@ except ImportError:  # imported from the repository root
 logger = logging.get_logger(__name__)
 
 LAVIT_ATTENTION = "lavit_sdpa"
+LATENT_INTERVENTIONS = ("masked", "zeroed", "shuffled")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,6 +235,9 @@ class LavitAttentionControl:
         gated_queries: `(B, L)` bool, the query rows the gate restrains.
         image_keys: `(B, L)` bool, the key columns they are restrained from.
         capture: an `AttentionCapture` to fill, or None.
+        blocked_keys: `(B, L_k)` bool, key columns that the queries after `blocked_after` may not attend to (the
+            `masked` latent mode: no query after the latent block sees it). Works with a KV cache.
+        blocked_after: `(B,)` long, the absolute position after which queries are blocked from `blocked_keys`.
     """
 
     GATE_WIDTH = 8
@@ -244,15 +248,23 @@ class LavitAttentionControl:
         gated_queries: torch.Tensor | None = None,
         image_keys: torch.Tensor | None = None,
         capture: AttentionCapture | None = None,
+        blocked_keys: torch.Tensor | None = None,
+        blocked_after: torch.Tensor | None = None,
     ):
         if log_gate is not None and (gated_queries is None or image_keys is None):
             raise ValueError("A sensory gate needs both gated_queries and image_keys.")
+        if (blocked_keys is None) != (blocked_after is None):
+            raise ValueError("Blocking keys needs both blocked_keys and blocked_after.")
+        if blocked_keys is not None and log_gate is not None:
+            raise ValueError("The sensory gate (training) and blocked latent keys (inference) do not combine.")
         if log_gate is not None and (math.isnan(log_gate) or log_gate > 0):
             raise ValueError(f"log_gate must be ln(gamma) for gamma in [0, 1], got {log_gate}.")
         self.log_gate = log_gate
         self.gated_queries = gated_queries
         self.image_keys = image_keys
         self.capture = capture
+        self.blocked_keys = blocked_keys
+        self.blocked_after = blocked_after
         self._mask_cache: tuple[object, torch.Tensor] | None = None
 
     def apply_gate(self, query, key, value, attention_mask, scaling):
@@ -276,6 +288,31 @@ class LavitAttentionControl:
         key = torch.cat([key, cols.expand(-1, kv_heads, -1, -1), pad_k], dim=-1)  # (B, H_kv, L, d + 8)
         value = torch.cat([value, value.new_zeros(batch, kv_heads, q_length, self.GATE_WIDTH)], dim=-1)
         return query, key, value, attention_mask
+
+    def block_keys(self, attention_mask, query, key) -> torch.Tensor:
+        """The model's mask with -inf where a query after `blocked_after` meets a blocked key, `(B, 1, L_q, L_k)`.
+        Queries are the last `L_q` positions of the `L_k` keys (a KV cache holds the earlier ones)."""
+        if self._mask_cache is not None and self._mask_cache[0] is attention_mask:
+            return self._mask_cache[1]
+        batch, _, q_length, _ = query.shape
+        k_length, device, dtype = key.shape[2], query.device, query.dtype
+        positions = torch.arange(k_length - q_length, k_length, device=device)  # absolute query positions
+        later = positions[None, :] > self.blocked_after.to(device)[:, None]  # (B, L_q)
+        keys = torch.zeros(batch, k_length, dtype=torch.bool, device=device)
+        width = min(k_length, self.blocked_keys.shape[1])
+        keys[:, :width] = self.blocked_keys.to(device)[:, :width]
+        block = later[:, None, :, None] & keys[:, None, None, :]  # (B, 1, L_q, L_k)
+        mask = torch.zeros(block.shape, dtype=dtype, device=device).masked_fill(block, float("-inf"))
+        minimum = torch.finfo(dtype).min
+        if attention_mask is None:
+            allowed = torch.arange(k_length, device=device)[None, :] <= positions[:, None]  # causal
+            mask = mask.masked_fill(~allowed[None, None], minimum)
+        elif attention_mask.dtype == torch.bool:
+            mask = mask.masked_fill(~attention_mask, minimum)
+        else:
+            mask = mask + attention_mask.to(dtype)
+        self._mask_cache = (attention_mask, mask)
+        return mask
 
     def _hard_mask(self, attention_mask, query) -> torch.Tensor:
         """The additive mask of gamma = 0: the model's mask with -inf on the gated block, `(B, 1, L, L)`."""
@@ -312,6 +349,8 @@ def lavit_sdpa_attention_forward(
     head_dim = value.shape[-1]
     if lavit_control is not None and lavit_control.log_gate is not None:
         query, key, value, attention_mask = lavit_control.apply_gate(query, key, value, attention_mask, scale)
+    elif lavit_control is not None and lavit_control.blocked_keys is not None:
+        attention_mask = lavit_control.block_keys(attention_mask, query, key)
     attn_output, _ = sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scale, is_causal=is_causal, **kwargs
     )
@@ -559,6 +598,8 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         teacher_semantics: torch.Tensor | None = None,
         teacher_trajectory: torch.Tensor | None = None,
         return_logits: bool = True,
+        latent_intervention: str | None = None,
+        latent_positions: torch.Tensor | None = None,
         **kwargs,
     ) -> LavitCausalLMOutputWithPast:
         r"""
@@ -579,6 +620,15 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return_logits (`bool`, *optional*, defaults to `True`):
             With `False` the `(B, L, vocab)` logits are not built: the next-token loss is computed from the labelled
             positions only (`labelled_token_loss`) and `logits` is None. Training uses it.
+        latent_intervention (`str`, *optional*):
+            An inference-time ablation of the latent tokens (Table 3 and beyond): `"masked"`, no query after the latent
+            block may attend to the latent positions (through generation too); `"zeroed"`, the latent tokens' input
+            embeddings are zeroed; `"shuffled"`, at every layer each sample's hidden states at its latent positions are
+            replaced by the next sample's (a batch of at least two). Forced latents (`LavitProcessor`'s default) and no
+            latents (`add_latent_tokens=False`) need no intervention.
+        latent_positions (`torch.LongTensor` of shape `(batch_size, K)`, *optional*):
+            Where the latent tokens sit, for `"masked"` decoding steps whose `input_ids` no longer hold them (pass
+            `find_latent_tokens(prompt_ids, ids)[0]` to `generate`); derived from `input_ids` otherwise.
         lavit_control (`LavitAttentionControl`, *optional*, in `kwargs`):
             Replaces the control the model builds from its gate and `output_latent_attention` (for analyses that
             record other rows); `latent_image_attention` is then not computed.
@@ -601,7 +651,9 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         config = self.config
         past_length = cache.get_seq_length() if cache is not None else 0
 
-        wants_latents = output_latent_states is not False or output_latent_attention or gamma < 1.0
+        wants_latents = (
+            output_latent_states is not False or output_latent_attention or gamma < 1.0 or latent_intervention is not None
+        )
         latent_index = latent_present = None
         if wants_latents and input_ids is not None:
             if config.latent_token_ids is None:
@@ -632,7 +684,8 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                     f"Sample {sample} has no latent tokens while others in the batch do; batch samples of one kind "
                     "(all with or all without the latent block)."
                 )
-        compute_latents = latent_present is not None and bool(latent_present.all()) and output_latent_states is not False
+        all_latents = latent_present is not None and bool(latent_present.all())
+        compute_latents = all_latents and output_latent_states is not False
 
         control_gate = gamma < 1.0
         capture = None
@@ -675,8 +728,41 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 )
             gated_queries = self._gated_queries(input_ids, attention_mask, image_keys, latent_index)
             log_gate = math.log(gamma) if gamma > 0 else float("-inf")
-        if kwargs.get("lavit_control") is None and (control_gate or capture is not None):
-            kwargs["lavit_control"] = LavitAttentionControl(log_gate, gated_queries, image_keys, capture)
+        if latent_intervention is not None:
+            if latent_intervention not in LATENT_INTERVENTIONS:
+                raise ValueError(f"latent_intervention must be one of {LATENT_INTERVENTIONS}, got {latent_intervention!r}.")
+            if control_gate:
+                raise ValueError("Latent interventions are inference ablations; open the gate (set_sensory_gate(1.0)).")
+        blocked_keys = blocked_after = None
+        if latent_intervention == "masked":
+            positions = latent_positions
+            if positions is None:
+                if not all_latents:
+                    raise ValueError(
+                        "The masked latent mode needs the latent positions: every sample must hold the latent block, "
+                        "and decoding steps need latent_positions= (the prompt's, from find_latent_tokens)."
+                    )
+                positions = latent_index
+            positions = positions.to(self.device)
+            self._check_text_attention("The masked latent mode")
+            blocked_after = positions[:, -1]  # (B,)
+            width = past_length + (input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1])
+            blocked_keys = torch.zeros(positions.shape[0], width, dtype=torch.bool, device=positions.device)
+            blocked_keys.scatter_(1, positions, True)
+        supplied = kwargs.get("lavit_control")
+        if supplied is not None and blocked_keys is not None:  # a caller's capture sees the masked mode's blocking
+            supplied.blocked_keys, supplied.blocked_after = blocked_keys, blocked_after
+        if supplied is None and (control_gate or capture is not None or blocked_keys is not None):
+            kwargs["lavit_control"] = LavitAttentionControl(
+                log_gate, gated_queries, image_keys, capture, blocked_keys=blocked_keys, blocked_after=blocked_after
+            )
+        if latent_intervention == "zeroed" and all_latents:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            keep = torch.ones_like(input_ids, dtype=inputs_embeds.dtype).scatter(1, latent_index, 0.0)
+            inputs_embeds = inputs_embeds * keep[:, :, None]  # the latent rows are zero
+        shuffle_hooks = []
+        if latent_intervention == "shuffled" and all_latents:
+            shuffle_hooks = self._shuffle_latent_states(latent_index)
 
         outputs = self.model(
             input_ids=input_ids,
@@ -694,6 +780,8 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
+        for hook in shuffle_hooks:
+            hook.remove()
         hidden_states = outputs.last_hidden_state  # (B, L, D)
         kwargs.pop("lavit_control", None)
         loss = logits = None
@@ -743,6 +831,24 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             trajectory_loss=trajectory,
             sensory_gate=gamma,
         )
+
+    def _shuffle_latent_states(self, latent_index: torch.Tensor) -> list:
+        """Forward hooks that, at the output of every text layer, give each sample the hidden states of the next
+        sample (cyclically) at its latent positions; the caller removes them after the pass."""
+        batch = latent_index.shape[0]
+        if batch < 2:
+            raise ValueError("The shuffled latent mode swaps latent states between samples: use a batch of at least 2.")
+        source = torch.roll(torch.arange(batch, device=latent_index.device), -1)  # sample b reads sample b + 1
+
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output  # (B, L, D)
+            width = hidden.shape[-1]
+            index = latent_index.to(hidden.device)[:, :, None].expand(-1, -1, width)  # (B, K, D)
+            donor = hidden.gather(1, index)[source.to(hidden.device)]  # (B, K, D)
+            hidden = hidden.scatter(1, index, donor)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return [layer.register_forward_hook(hook) for layer in self.model.language_model.layers]
 
     def _gated_queries(self, input_ids, attention_mask, image_keys, latent_index) -> torch.Tensor:
         """The query rows the gate restrains, `(B, L)` bool, by `config.gate_scope`."""

@@ -1,0 +1,548 @@
+# Copyright 2026 The LaViT developers. Licensed under the Apache License, Version 2.0.
+"""Evaluation on the paper's benchmarks (section 5.1-5.2, Table 1, Table 3) from local files.
+
+Loaders read the published formats of MMVP, V*Bench (direct attributes), BLINK (any subtask) and MMStar into one
+`EvalSample` shape; `evaluate` runs greedy, batched, left-padded generation with a progress bar, writes every
+prediction to a JSONL file as it comes (a killed run resumes where it stopped) and scores them with a documented,
+deterministic option-letter extractor. `render_report` lays the results out as Table 1, with the paper's numbers as
+reference rows.
+
+Latent modes select how the latent tokens take part at inference: `forced` (the processor appends them, the
+default), `none` (no latent tokens: the base model's behaviour), `masked` (present, but no later query may attend
+to them: Table 3's "w/o latent tokens"), `zeroed` (their input embeddings are zero) and `shuffled` (each sample's
+latent hidden states replaced by another sample's).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import string
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+logger = logging.getLogger(__name__)
+
+LETTERS = string.ascii_uppercase
+DEFAULT_INSTRUCTION = "Answer with the option letter from the given choices directly."
+PROMPT_TEMPLATE = "{question}\n{options}\n{instruction}"
+LATENT_MODES = ("forced", "none", "masked", "zeroed", "shuffled")
+BLINK_PAPER_TASKS = ("Relative_Depth", "IQ_Test", "Relative_Reflectance", "Spatial_Relation")
+BLINK_TASKS = (
+    "Art_Style", "Counting", "Forensic_Detection", "Functional_Correspondence", "IQ_Test", "Jigsaw",
+    "Multi-view_Reasoning", "Object_Localization", "Relative_Depth", "Relative_Reflectance",
+    "Semantic_Correspondence", "Spatial_Relation", "Visual_Correspondence", "Visual_Similarity",
+)
+TABLE1_COLUMNS = (
+    ("mmvp", "MMVP"), ("vstar", "V* Attrib."), ("blink/Relative_Depth", "Rel. Depth"), ("blink/IQ_Test", "IQ-Test"),
+    ("blink/Relative_Reflectance", "Rel. Ref."), ("blink/Spatial_Relation", "Spatial"), ("mmstar", "MMStar"),
+)
+# Table 1 of the paper (accuracy, %), for reference rows next to a user's results.
+PAPER_TABLE1 = {
+    "Qwen2.5-VL-3B (paper)": (62.33, 81.74, 61.29, 24.0, 29.85, 81.12, 50.2),
+    "Naive SFT 3B (paper)": (65.33, 80.87, 70.16, 28.0, 34.33, 81.82, 55.53),
+    "LaViT-3B (paper)": (67.33, 82.61, 78.23, 32.0, 45.52, 81.82, 54.07),
+    "Qwen2.5-VL-7B (paper)": (66.7, 77.39, 71.77, 26.0, 38.8, 87.4, 58.9),
+    "Qwen2.5-VL-32B (paper)": (75.33, 82.61, 75.81, 30.0, 55.97, 85.31, 69.8),
+}
+
+
+@dataclass
+class EvalSample:
+    """One multiple-choice question.
+
+    Attributes:
+        benchmark: `mmvp`, `vstar`, `blink/<Task>` or `mmstar`.
+        id: unique within the benchmark.
+        question: the question (with its options inline when `options_in_question`).
+        options: the option texts, lettered A, B, C, ...
+        answer: the correct letter.
+        images: callables returning the PIL images (loaded lazily).
+        category: MMStar's category, BLINK's subtask, V*'s category.
+        pair: MMVP's pair number (questions 2k-1 and 2k), else None.
+        options_in_question: the question text already lists the options (MMStar), so the prompt does not repeat them.
+    """
+
+    benchmark: str
+    id: str
+    question: str
+    options: list[str]
+    answer: str
+    images: list[Callable[[], Image.Image]]
+    category: str = ""
+    pair: int | None = None
+    options_in_question: bool = False
+
+
+class UnreadableImage(ValueError):
+    """A sample's image is missing or corrupt (the harness counts and records the skip)."""
+
+
+def _file_image(path: Path) -> Callable[[], Image.Image]:
+    def load() -> Image.Image:
+        try:
+            image = Image.open(path)
+            image.load()
+        except FileNotFoundError as err:
+            raise UnreadableImage(f"missing image {path}") from err
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise UnreadableImage(f"corrupt image {path}: {err}") from err
+        return image.convert("RGB")
+
+    return load
+
+
+def _bytes_image(data: Any, where: str) -> Callable[[], Image.Image]:
+    def load() -> Image.Image:
+        raw = data.get("bytes") if isinstance(data, dict) else data
+        if raw is None and isinstance(data, dict) and data.get("path"):
+            return _file_image(Path(data["path"]))()
+        try:
+            image = Image.open(io.BytesIO(raw))
+            image.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, TypeError) as err:
+            raise UnreadableImage(f"corrupt image in {where}: {err}") from err
+        return image.convert("RGB")
+
+    return load
+
+
+def _check_answer(sample: EvalSample) -> EvalSample:
+    valid = LETTERS[: len(sample.options)]
+    if sample.answer not in valid:
+        raise ValueError(
+            f"{sample.benchmark} {sample.id}: the answer {sample.answer!r} is not among the options "
+            f"{list(valid)} ({sample.options}); the file is damaged or of another format."
+        )
+    return sample
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loaders
+# ----------------------------------------------------------------------------------------------------------------
+
+_MMVP_OPTION = re.compile(r"\(([a-zA-Z])\)\s*(.*?)(?=\s*\([a-zA-Z]\)\s*|$)")
+
+
+def load_mmvp(root: str | os.PathLike) -> list[EvalSample]:
+    """MMVP from its release folder: `Questions.csv` (`Index,Question,Options,Correct Answer`, options such as
+    `(a) Standing (b) Sitting`, answers such as `(a)`) with `MMVP Images/<Index>.jpg`, or the parquet variant with an
+    `image` column (`*.parquet` in `root`). Questions 2k-1 and 2k form pair k."""
+    root = Path(root)
+    csv_path = root / "Questions.csv"
+    if csv_path.exists():
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        images = {str(r["Index"]): _file_image(root / "MMVP Images" / f"{r['Index']}.jpg") for r in rows}
+    else:
+        parquets = sorted(root.glob("*.parquet")) if root.is_dir() else [root]
+        if not parquets:
+            raise ValueError(f"{root} holds neither MMVP's Questions.csv nor a parquet file.")
+        import pyarrow.parquet as pq
+
+        rows = [r for p in parquets for r in pq.read_table(p).to_pylist()]
+        images = {str(r["Index"]): _bytes_image(r["image"], f"MMVP {r['Index']}") for r in rows}
+    samples = []
+    for row in rows:
+        index = str(row["Index"])
+        options = [text.strip() for _, text in _MMVP_OPTION.findall(str(row["Options"]))]
+        answer = str(row["Correct Answer"]).strip().strip("()").upper()
+        samples.append(_check_answer(EvalSample(
+            benchmark="mmvp", id=index, question=str(row["Question"]).strip(), options=options, answer=answer,
+            images=[images[index]], pair=(int(index) + 1) // 2,
+        )))
+    return samples
+
+
+_INLINE_OPTION = re.compile(r"^\s*\(([A-Z])\)\s*(.+?)\s*$")
+
+
+def load_vstar(root: str | os.PathLike, category: str | None = "direct_attributes") -> list[EvalSample]:
+    """V*Bench from `test_questions.jsonl` (`image` path relative to the file, `text` with the options inline as
+    `(A) ...` lines, `category`, `question_id`, `label` letter); `category` filters (the paper's 115 direct-attribute
+    questions by default; None keeps all)."""
+    path = Path(root) / "test_questions.jsonl" if Path(root).is_dir() else Path(root)
+    samples = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if category is not None and row.get("category") != category:
+            continue
+        question_lines, options = [], []
+        for text_line in str(row["text"]).splitlines():
+            match = _INLINE_OPTION.match(text_line)
+            if match:
+                options.append(match.group(2))
+            elif not options and "answer with the option" not in text_line.lower():
+                question_lines.append(text_line)
+        samples.append(_check_answer(EvalSample(
+            benchmark="vstar", id=str(row["question_id"]), question="\n".join(question_lines).strip(), options=options,
+            answer=str(row["label"]).strip().strip("()").upper(), images=[_file_image(path.parent / row["image"])],
+            category=str(row.get("category", "")),
+        )))
+    return samples
+
+
+def load_blink(root: str | os.PathLike, tasks: list[str] | tuple[str, ...] = BLINK_PAPER_TASKS) -> list[EvalSample]:
+    """BLINK from `<Task>/val-00000-of-00001.parquet` (`idx`, `question`, `sub_task`, `image_1` ... `image_4` as image
+    structs or null, `choices`, `answer` such as `(A)`, `prompt`), for the given subtasks (the paper's four by
+    default; any of `BLINK_TASKS` by name)."""
+    import pyarrow.parquet as pq
+
+    unknown = [t for t in tasks if t not in BLINK_TASKS]
+    if unknown:
+        raise ValueError(f"Unknown BLINK task(s) {unknown}; the tasks are: {', '.join(BLINK_TASKS)}.")
+    samples = []
+    for task in tasks:
+        files = sorted((Path(root) / task).glob("val-*.parquet"))
+        if not files:
+            raise ValueError(f"No {task}/val-*.parquet under {root}; download BLINK's {task} split there.")
+        for row in (r for f in files for r in pq.read_table(f).to_pylist()):
+            images = [_bytes_image(row[f"image_{i}"], f"BLINK {task} {row['idx']}") for i in range(1, 5)
+                      if row.get(f"image_{i}") is not None]
+            samples.append(_check_answer(EvalSample(
+                benchmark=f"blink/{task}", id=str(row["idx"]), question=str(row["question"]).strip(),
+                options=[str(c) for c in row["choices"]], answer=str(row["answer"]).strip().strip("()").upper(),
+                images=images, category=task,
+            )))
+    return samples
+
+
+_MMSTAR_OPTIONS = re.compile(r"Options:\s*(.*)$", re.S)
+_MMSTAR_SPLIT = re.compile(r"(?:^|,\s*)([A-F]):\s*")
+
+
+def load_mmstar(path: str | os.PathLike) -> list[EvalSample]:
+    """MMStar from `mmstar.parquet` (`index`, `question` with the options inline after `Options:` as `A: ..., B:
+    ...`, `image`, `answer` letter, `category`, `l2_category`)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    samples = []
+    for row in (r for f in files for r in pq.read_table(f).to_pylist()):
+        question = str(row["question"])
+        match = _MMSTAR_OPTIONS.search(question)
+        options = []
+        if match:
+            parts = _MMSTAR_SPLIT.split(match.group(1))
+            options = [parts[i + 1].strip().rstrip(",").strip() for i in range(1, len(parts) - 1, 2)]
+        samples.append(_check_answer(EvalSample(
+            benchmark="mmstar", id=str(row["index"]), question=question.strip(), options=options,
+            answer=str(row["answer"]).strip().upper(), images=[_bytes_image(row["image"], f"MMStar {row['index']}")],
+            category=str(row.get("category", "")), options_in_question=True,
+        )))
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompting and scoring
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_prompt(sample: EvalSample, template: str = PROMPT_TEMPLATE, instruction: str = DEFAULT_INSTRUCTION) -> str:
+    """The paper's prompt: the question, the options (`A. text` lines, unless the question lists them), then
+    `instruction`."""
+    options = "" if sample.options_in_question else "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(sample.options))
+    text = template.format(question=sample.question, options=options, instruction=instruction)
+    return re.sub(r"\n{2,}", "\n", text).strip()
+
+
+_PAREN = re.compile(r"\(([A-Za-z])\)")
+_PHRASES = [
+    re.compile(r"(?:the\s+)?(?:correct\s+)?answer\s*(?:is|:)\s*(?:option\s*)?\(?([A-Za-z])\b\)?", re.I),
+    re.compile(r"\boption\s*\(?([A-Za-z])\b\)?", re.I),
+    re.compile(r"\bchoice\s*(?:is\s*)?\(?([A-Za-z])\b\)?", re.I),
+]
+_LEADING = re.compile(r"^\s*\(?([A-Za-z])\s*(?:[.:)\]]|$)")
+_STANDALONE = re.compile(r"(?<![A-Za-z'])([A-Z])(?![A-Za-z'])")
+
+
+def _normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def extract_option(response: str, options: list[str]) -> str | None:
+    """The option letter a response picks, or None when it picks none unambiguously. The rules, in order:
+
+    1. a response that is only a letter, with brackets or punctuation (`B`, `b`, `(b)`, `B.`, `C)`), or that opens
+       with one followed by `.`, `:` or `)` (`B. Sitting`) and names no other letter in brackets;
+    2. a parenthesised letter among the valid options (`... so (A)`), when all such letters agree;
+    3. a phrase such as `the answer is C`, `answer: C`, `option C` (the last one wins);
+    4. a standalone capital letter among the valid options, when exactly one distinct letter stands so; a capital
+       `A` followed by a lower-case word is the article (`A dog is ...`), never an option;
+    5. the text of exactly one option appearing in the response (whole words, case-insensitive).
+
+    Letters outside the options' range never count; an empty response gives None.
+    """
+    valid = set(LETTERS[: len(options)])
+    text = (response or "").strip()
+    if not text:
+        return None
+    bracketed = {m.upper() for m in _PAREN.findall(text) if m.upper() in valid}
+    leading = _LEADING.match(text)
+    if leading and leading.group(1).upper() in valid and bracketed <= {leading.group(1).upper()}:
+        rest = text[leading.end():].strip()
+        if not rest or leading.group(0).rstrip().endswith((".", ":", ")", "]")):
+            return leading.group(1).upper()
+    if len(bracketed) == 1:
+        return bracketed.pop()
+    for phrase in _PHRASES:
+        found = [m.upper() for m in phrase.findall(text) if m.upper() in valid]
+        if found:
+            return found[-1]
+    standalone = set()
+    for match in _STANDALONE.finditer(text):
+        letter = match.group(1)
+        if letter not in valid:
+            continue
+        following = text[match.end():match.end() + 2]
+        if letter == "A" and re.match(r"\s[a-z]", following):
+            continue  # the article
+        standalone.add(letter)
+    if len(standalone) == 1:
+        return standalone.pop()
+    normalised = f" {_normalise(text)} "
+    hits = {LETTERS[i] for i, option in enumerate(options) if _normalise(option) and f" {_normalise(option)} " in normalised}
+    if len(hits) == 1:
+        return hits.pop()
+    return None
+
+
+def score(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy per benchmark (micro, per question, as the paper reports), the unparseable count, MMVP's pair
+    accuracy, BLINK per task and MMStar per category. `records` are prediction records (`benchmark`, `id`,
+    `prediction`, `answer`, `category`, `pair`)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        groups[record["benchmark"]].append(record)
+    out: dict[str, Any] = {}
+    for benchmark, rows in sorted(groups.items()):
+        correct = sum(r["prediction"] == r["answer"] for r in rows)
+        result = {
+            "n": len(rows),
+            "correct": correct,
+            "accuracy": 100.0 * correct / len(rows),
+            "unparseable": sum(r["prediction"] is None for r in rows),
+        }
+        if benchmark == "mmvp":
+            pairs: dict[int, list[bool]] = defaultdict(list)
+            for r in rows:
+                pairs[r["pair"]].append(r["prediction"] == r["answer"])
+            complete = [v for v in pairs.values() if len(v) == 2]
+            result["pair_accuracy"] = 100.0 * sum(all(v) for v in complete) / len(complete) if complete else None
+            result["pairs"] = len(complete)
+        if benchmark == "mmstar":
+            per: dict[str, list[bool]] = defaultdict(list)
+            for r in rows:
+                per[r["category"]].append(r["prediction"] == r["answer"])
+            result["per_category"] = {c: 100.0 * sum(v) / len(v) for c, v in sorted(per.items())}
+        out[benchmark] = result
+    blink = {k.split("/", 1)[1]: v["accuracy"] for k, v in out.items() if k.startswith("blink/")}
+    if blink:
+        out["blink"] = {"per_task": blink}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    """What decides a predictions file's content; a resumed run must match it."""
+
+    model: str
+    benchmark: str
+    mode: str = "forced"
+    template: str = PROMPT_TEMPLATE
+    instruction: str = DEFAULT_INSTRUCTION
+    max_new_tokens: int = 16
+
+    def header(self) -> dict[str, Any]:
+        return {"_header": asdict(self)}
+
+
+def read_predictions(path: str | os.PathLike, config: RunConfig) -> dict[str, dict]:
+    """The records already in `path` (by id); refuses a file written for another model, benchmark or setting."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):  # a run killed in the middle of a write: drop the partial line
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text, encoding="utf-8")
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if not lines or "_header" not in lines[0]:
+        raise ValueError(f"{path} is not a predictions file of this harness (no header line); choose another path.")
+    header = lines[0]["_header"]
+    if header != config.header()["_header"]:
+        diff = sorted(k for k in set(header) | set(asdict(config)) if header.get(k) != asdict(config).get(k))
+        raise ValueError(
+            f"{path} holds predictions of another run (it differs in {diff}: {[header.get(k) for k in diff]}); "
+            "refusing to resume into it. Use a new output path."
+        )
+    return {r["id"]: r for r in lines[1:]}
+
+
+@dataclass
+class RunResult:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    resumed: int = 0
+
+
+def _model_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def evaluate(
+    model,
+    processor,
+    samples: list[EvalSample],
+    predictions_path: str | os.PathLike,
+    mode: str = "forced",
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    model_name: str | None = None,
+    template: str = PROMPT_TEMPLATE,
+    instruction: str = DEFAULT_INSTRUCTION,
+    progress: bool = True,
+) -> RunResult:
+    """Greedy multiple-choice evaluation of `samples` (one benchmark) in a latent `mode`, resumable.
+
+    Every prediction is appended to `predictions_path` (JSONL, a header line first) as soon as its batch is done;
+    ids already there are skipped. A sample whose image is missing or corrupt is counted and recorded as skipped.
+    """
+    from tqdm.auto import tqdm
+
+    from modeling_lavit import find_latent_tokens
+
+    if mode not in LATENT_MODES:
+        raise ValueError(f"mode must be one of {LATENT_MODES}, got {mode!r}.")
+    benchmarks = {s.benchmark.split("/")[0] for s in samples}
+    if len(benchmarks) != 1:
+        raise ValueError(f"evaluate takes one benchmark at a time, got {sorted(benchmarks)}.")
+    lavit = getattr(model.config, "model_type", None) == "lavit"
+    if not lavit and mode != "none":
+        raise ValueError(f"A stock model has no latent tokens: evaluate it in mode 'none', not {mode!r}.")
+    if lavit:
+        processor.check_model(model.config)
+    if mode == "shuffled" and batch_size < 2:
+        raise ValueError("The shuffled mode swaps latent states between the samples of a batch: batch_size >= 2.")
+    config = RunConfig(model=model_name or str(getattr(model.config, "_name_or_path", "")), benchmark=benchmarks.pop(),
+                       mode=mode, template=template, instruction=instruction, max_new_tokens=max_new_tokens)
+    done = read_predictions(predictions_path, config)
+    path = Path(predictions_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text(json.dumps(config.header()) + "\n", encoding="utf-8")
+    result = RunResult(records=[done[s.id] for s in samples if s.id in done], resumed=len(done))
+    todo = [s for s in samples if s.id not in done]
+    use_latents = mode != "none"
+    device = _model_device(model)
+    bar = tqdm(total=len(todo), unit="q", disable=not progress, desc=f"{config.benchmark} [{mode}]")
+    for start in range(0, len(todo), batch_size):
+        batch = []
+        for sample in todo[start : start + batch_size]:
+            try:
+                batch.append((sample, [load() for load in sample.images]))
+            except UnreadableImage as err:
+                result.skipped.append({"id": sample.id, "reason": str(err)})
+        if mode == "shuffled" and len(batch) == 1 and result.records:
+            logger.warning("A shuffled batch of one sample: it keeps its own latent states.")
+        if batch:
+            messages = [
+                [{"role": "user", "content": [*({"type": "image"} for _ in images),
+                                              {"type": "text", "text": build_prompt(s, template, instruction)}]}]
+                for s, images in batch
+            ]
+            kwargs = {"add_latent_tokens": use_latents} if lavit else {}
+            prompts = [processor.apply_chat_template(m, add_generation_prompt=True, **kwargs) for m in messages]
+            processor.tokenizer.padding_side = "left"
+            inputs = processor(text=prompts, images=[images for _, images in batch], return_tensors="pt", padding=True)
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            extra = {}
+            if mode in ("masked", "zeroed") or (mode == "shuffled" and len(batch) > 1):
+                extra["latent_intervention"] = mode
+            if mode == "masked":
+                extra["latent_positions"] = find_latent_tokens(inputs["input_ids"], model.config.latent_token_ids)[0]
+            with torch.inference_mode():
+                generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
+            texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            new = []
+            for (sample, _), text in zip(batch, texts):
+                prediction = extract_option(text, sample.options)
+                new.append({
+                    "id": sample.id, "benchmark": sample.benchmark, "category": sample.category, "pair": sample.pair,
+                    "response": text, "prediction": prediction, "answer": sample.answer,
+                    "correct": prediction == sample.answer,
+                })
+            with open(path, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in new)
+            result.records += new
+        bar.update(len(todo[start : start + batch_size]))
+    bar.close()
+    return result
+
+
+def render_report(results: dict[str, dict[str, Any]], include_paper: bool = True) -> tuple[str, dict[str, Any]]:
+    """Table 1's layout in markdown, and the same numbers as JSON.
+
+    Args:
+        results: `{row name: score(...) output}`, e.g. one row per model and latent mode.
+    """
+    header = "| model | " + " | ".join(label for _, label in TABLE1_COLUMNS) + " |"
+    lines = [header, "|---|" + "---|" * len(TABLE1_COLUMNS)]
+    table: dict[str, Any] = {"columns": [label for _, label in TABLE1_COLUMNS], "rows": {}}
+    for name, scores in results.items():
+        values = [scores.get(key, {}).get("accuracy") for key, _ in TABLE1_COLUMNS]
+        table["rows"][name] = dict(zip(table["columns"], values))
+        lines.append(f"| {name} | " + " | ".join("—" if v is None else f"{v:.2f}" for v in values) + " |")
+    if include_paper:
+        for name, values in PAPER_TABLE1.items():
+            table["rows"][name] = dict(zip(table["columns"], values))
+            lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    extra = []
+    for name, scores in results.items():
+        details = []
+        if scores.get("mmvp", {}).get("pair_accuracy") is not None:
+            details.append(f"MMVP pair accuracy {scores['mmvp']['pair_accuracy']:.2f}")
+        unparseable = sum(v.get("unparseable", 0) for v in scores.values() if isinstance(v, dict))
+        details.append(f"{unparseable} unparseable answers")
+        extra.append(f"- {name}: " + "; ".join(details))
+    markdown = "\n".join(lines + [""] + extra) + "\n"
+    table["details"] = results
+    return markdown, table
+
+
+__all__ = [
+    "EvalSample",
+    "UnreadableImage",
+    "load_mmvp",
+    "load_vstar",
+    "load_blink",
+    "load_mmstar",
+    "build_prompt",
+    "extract_option",
+    "score",
+    "RunConfig",
+    "read_predictions",
+    "evaluate",
+    "render_report",
+    "LATENT_MODES",
+    "BLINK_TASKS",
+    "PAPER_TABLE1",
+]
