@@ -651,7 +651,9 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         config = self.config
         past_length = cache.get_seq_length() if cache is not None else 0
 
-        wants_latents = (
+        # A decoding step (a cache behind it) holds no latent block unless asked for something latent; skip the search.
+        decoding_plainly = past_length > 0 and output_latent_states is None and latent_intervention is None
+        wants_latents = not decoding_plainly and (
             output_latent_states is not False or output_latent_attention or gamma < 1.0 or latent_intervention is not None
         )
         latent_index = latent_present = None

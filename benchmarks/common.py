@@ -6,7 +6,6 @@ import datetime
 import gc
 import platform
 import re
-import statistics
 import time
 from pathlib import Path
 
@@ -62,7 +61,9 @@ def measure_peak(step, device: str) -> int:
 
 
 def interleaved_times(steps: dict, repeats: int, warmup: int, device: str) -> dict[str, float]:
-    """Median seconds of each step, the steps run in turn so that drifts of the machine hit all of them alike."""
+    """Best (least) seconds of each step over `repeats`, the steps run in turn so that drifts of the machine hit all
+    of them alike. The minimum, not the median: on a shared machine noise only ever adds time, and the medians of
+    two identical steps were seen here to differ by 10%."""
     for _ in range(warmup):
         for step in steps.values():
             step()
@@ -76,7 +77,7 @@ def interleaved_times(steps: dict, repeats: int, warmup: int, device: str) -> di
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: min(values) for name, values in samples.items()}
 
 
 def write_section(name: str, body: str) -> None:
