@@ -161,7 +161,7 @@ def main(argv=None):
 
     lines = [
         f"Teacher: random-weight Qwen2.5-VL, text hidden {args.hidden}, {args.layers} layers, 8 heads / 2 KV heads, "
-        f"dtype {args.dtype}; one sample, a 16-token response as the query rows. Best of {args.repeats} interleaved "
+        f"dtype {args.dtype}; one sample, a 16-token response as the query rows. Median of {args.repeats} interleaved "
         "runs; peak memory: the most tensor memory one call adds (least of 2 after a warm-up).",
         "",
         "| L (image tokens) | floor s | ours s | official s | ours / floor time | official / ours time | "

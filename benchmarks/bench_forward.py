@@ -145,7 +145,7 @@ def main(argv=None):
     lines = [
         f"Config: text hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} KV heads, "
         f"700 image tokens per sample, dtype {args.dtype}, gate gamma = {args.gate}, latent attention over all "
-        "layers, both distillation losses; vision tower frozen. Best of "
+        "layers, both distillation losses; vision tower frozen. Median of "
         f"{args.repeats} interleaved forward+backward steps after {args.warmup} warm-up; peak memory: the most tensor "
         "memory one steady-state step adds, activations and gradients (CPU: the profiler's allocation timeline; CUDA: "
         "the allocator's peak; least of 3 after 2 warm-up steps). Batch 2 holds two question lengths, so both models "

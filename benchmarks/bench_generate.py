@@ -80,7 +80,7 @@ def main(argv=None):
     lines = [
         f"Config: text hidden {args.hidden}, {args.layers} layers, dtype {args.dtype}; a batch of {args.batch} prompts "
         f"(stock {lengths['stock']} tokens, LaViT {lengths['lavit']} with the latents; 700 image tokens each), exactly "
-        f"{args.new_tokens} new tokens, greedy with a KV cache. Best of {args.repeats} interleaved runs.",
+        f"{args.new_tokens} new tokens, greedy with a KV cache. Median of {args.repeats} interleaved runs.",
         "",
         "| model | seconds | ratio |",
         "|---|---|---|",

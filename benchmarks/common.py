@@ -6,6 +6,7 @@ import datetime
 import gc
 import platform
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -61,15 +62,16 @@ def measure_peak(step, device: str) -> int:
 
 
 def interleaved_times(steps: dict, repeats: int, warmup: int, device: str) -> dict[str, float]:
-    """Best (least) seconds of each step over `repeats`, the steps run in turn so that drifts of the machine hit all
-    of them alike. The minimum, not the median: on a shared machine noise only ever adds time, and the medians of
-    two identical steps were seen here to differ by 10%."""
+    """Median seconds of each step over `repeats` rounds. Each round runs every step once, in an order that reverses
+    from one round to the next (A B, B A, ...), so that drifts of a shared machine hit all steps alike; the median
+    resists the single lucky or unlucky run that moves a minimum or a mean by 10% here."""
     for _ in range(warmup):
         for step in steps.values():
             step()
     samples = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    order = list(steps.items())
+    for round_index in range(repeats):
+        for name, step in (order if round_index % 2 == 0 else order[::-1]):
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -77,7 +79,7 @@ def interleaved_times(steps: dict, repeats: int, warmup: int, device: str) -> di
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             samples[name].append(time.perf_counter() - start)
-    return {name: min(values) for name, values in samples.items()}
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def write_section(name: str, body: str) -> None:
