@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 logger = logging.getLogger(__name__)
@@ -219,6 +221,25 @@ def box_to_token_mask(
         mask = np.zeros_like(mask)
         mask[np.unravel_index(np.argmax(cover), cover.shape)] = True
     return mask
+
+
+def resize_gaze(gaze: torch.Tensor, source_grid: tuple[int, int], target_grid: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a gaze map from the teacher's token grid to the student's (`align_corners=False`, the
+    convention of `torch.nn.functional.interpolate`).
+
+    Args:
+        gaze: `(rows_t * cols_t,)` or `(rows_t, cols_t)`. source_grid, target_grid: `(rows, cols)`.
+    Returns:
+        `(rows_s, cols_s)` float32.
+    """
+    rows, cols = source_grid
+    gaze = torch.as_tensor(gaze, dtype=torch.float32)
+    if gaze.numel() != rows * cols:
+        raise ValueError(f"A gaze of {gaze.numel()} values does not fill its {rows} x {cols} grid.")
+    grid = gaze.reshape(1, 1, rows, cols)
+    if (rows, cols) == tuple(target_grid):
+        return grid[0, 0].clone()
+    return F.interpolate(grid, size=tuple(target_grid), mode="bilinear", align_corners=False)[0, 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -502,7 +523,6 @@ def sample_as_dict(sample: VisualCoTSample) -> dict[str, Any]:
 
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Publishing
 # ----------------------------------------------------------------------------------------------------------------
@@ -552,6 +572,7 @@ __all__ = [
     "read_visual_cot",
     "clip_box",
     "box_to_token_mask",
+    "resize_gaze",
     "COLUMNS",
     "features",
     "write_parquet_atomic",

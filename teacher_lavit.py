@@ -241,6 +241,68 @@ class TeacherSignals:
     v_sem_gaze: np.ndarray  # (B, D) float32
 
 
+@dataclass
+class ForcedPass:
+    """The outputs of `forced_attention_pass`."""
+
+    capture: object  # the AttentionCapture: per-layer records, `key_index`/`key_mask` of the image tokens
+    hidden: torch.Tensor  # (B, L, D) last hidden states
+    inputs: dict  # the batch that was run
+    rows: torch.Tensor  # (B, L) bool, the query rows
+    grids: list[tuple[int, int]]  # (rows, cols) of each sample's merged image grid
+
+
+@torch.inference_mode()
+def forced_attention_pass(
+    model,
+    processor,
+    images: list[Image.Image],
+    questions: list[str],
+    response_ids: list[list[int]],
+    query_rows: str = "response",
+    reduce_queries: bool = True,
+) -> ForcedPass:
+    """One teacher-forced sdpa pass over [image, question, response] of a Qwen2.5-VL or LaViT model, recording the
+    chosen rows' attention over the image tokens through the side channel (no attention matrix is materialised).
+
+    Args:
+        query_rows: `"response"` (the response tokens), `"prompt_and_response"` (every text token after the image)
+            or `"latents"` (a LaViT model's latent tokens; the processor must append them).
+        reduce_queries: average the rows (`(B, N)` per layer) or keep them (`(B, R, N)`).
+    """
+    if query_rows not in QUERY_ROWS + ("latents",):
+        raise ValueError(f"query_rows must be one of {QUERY_ROWS + ('latents',)}, got {query_rows!r}.")
+    if any(image is None for image in images):
+        raise ValueError("Every sample needs an image in its prompt to read attention over it; one has none.")
+    if model.config.text_config._attn_implementation != "lavit_sdpa":
+        enable_lavit_attention(model)
+    inputs, response_mask = teacher_forced_inputs(processor, images, questions, response_ids)
+    ids = inputs["input_ids"]
+    is_image = ids == model.config.image_token_id
+    if not bool(is_image.any(dim=1).all()):
+        raise ValueError("Every sample needs an image in its prompt to read attention over it.")
+    if query_rows == "response":
+        rows = response_mask
+    elif query_rows == "latents":
+        latent_ids = getattr(model.config, "latent_token_ids", None)
+        if latent_ids is None:
+            raise ValueError("query_rows='latents' needs a LaViT model (its config names the latent tokens).")
+        rows = torch.isin(ids, torch.tensor(latent_ids))
+    else:
+        rows = (is_image.cumsum(dim=1) > 0) & ~is_image & inputs["attention_mask"].bool()
+    if not bool(rows.any(dim=1).all()):
+        raise ValueError(f"A sample has no {query_rows} rows (an empty response, or no latent tokens in its prompt).")
+    row_index, row_mask = padded_positions(rows)
+    capture = image_attention_capture(ids, model.config.image_token_id, row_index, row_mask,
+                                      reduce_queries=reduce_queries)
+    device = _model_device(model)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    # The base model only: what is read here is attention and last hidden states, not the vocabulary logits.
+    out = model.model(**inputs, use_cache=False, lavit_control=LavitAttentionControl(capture=capture))
+    grids = [(int(t[1]) // 2, int(t[2]) // 2) for t in inputs["image_grid_thw"].tolist()]
+    return ForcedPass(capture=capture, hidden=out.last_hidden_state, inputs=inputs, rows=rows, grids=grids)
+
+
 @torch.inference_mode()
 def extract_teacher_signals(
     model,
@@ -265,38 +327,20 @@ def extract_teacher_signals(
     check_teacher(model)
     if query_rows not in QUERY_ROWS:
         raise ValueError(f"query_rows must be one of {QUERY_ROWS}, got {query_rows!r}.")
-    if model.config.text_config._attn_implementation != "lavit_sdpa":
-        enable_lavit_attention(model)
-    inputs, response_mask = teacher_forced_inputs(processor, images, questions, response_ids)
-    ids = inputs["input_ids"]
-    is_image = ids == model.config.image_token_id
-    if query_rows == "response":
-        rows = response_mask
-    else:
-        rows = (is_image.cumsum(dim=1) > 0) & ~is_image & inputs["attention_mask"].bool()
-    if not bool(rows.any(dim=1).all()):
-        raise ValueError("A sample has no query rows: its response is empty (give at least the end-of-turn token).")
-    row_index, row_mask = padded_positions(rows)
-    capture = image_attention_capture(ids, model.config.image_token_id, row_index, row_mask, reduce_queries=True)
-    device = _model_device(model)
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    # The base model only: V_sem needs the last hidden states, not the vocabulary logits.
-    out = model.model(**inputs, use_cache=False, lavit_control=LavitAttentionControl(capture=capture))
-    gaze = capture.mean_over_layers()  # (B, N) averaged over layers, heads and rows
-    image_mask = capture.key_mask.to(gaze.device)  # (B, N)
-    hidden = out.last_hidden_state  # (B, L, D)
-    image_index = capture.key_index.to(hidden.device)
+    run = forced_attention_pass(model, processor, images, questions, response_ids, query_rows)
+    gaze = run.capture.mean_over_layers()  # (B, N) averaged over layers, heads and rows
+    hidden = run.hidden  # (B, L, D)
+    image_index = run.capture.key_index.to(hidden.device)
     image_hidden = hidden.gather(1, image_index[:, :, None].expand(-1, -1, hidden.shape[-1])).float()  # (B, N, D)
-    mask = image_mask.to(hidden.device)
+    mask = run.capture.key_mask.to(hidden.device)
     v_mean = (image_hidden * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)  # (B, D)
     weights = gaze_topk_weights(gaze.to(hidden.device), mask, top_k)  # (B, N)
     v_gaze = (image_hidden * weights[:, :, None]).sum(1)  # (B, D)
-    grids = [(int(t[1]) // 2, int(t[2]) // 2) for t in inputs["image_grid_thw"].tolist()]
     counts = mask.sum(1).tolist()
     gaze_np = gaze.float().cpu().numpy()
     return TeacherSignals(
         gaze=[gaze_np[b, : int(n)].astype(np.float32) for b, n in enumerate(counts)],
-        grid=grids,
+        grid=run.grids,
         v_sem_mean=v_mean.cpu().numpy(),
         v_sem_gaze=v_gaze.cpu().numpy(),
     )
@@ -676,6 +720,8 @@ __all__ = [
     "generate_answers",
     "teacher_forced_inputs",
     "extract_teacher_signals",
+    "forced_attention_pass",
+    "ForcedPass",
     "TeacherSignals",
     "gaze_topk_weights",
     "s_focus",

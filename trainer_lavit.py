@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
+from data_lavit import resize_gaze
 from modeling_lavit import LavitForConditionalGeneration, concept_loss, trajectory_loss
 from processing_lavit import LavitProcessor
 
@@ -123,25 +123,6 @@ class SensoryGateCallback(TrainerCallback):
 # ----------------------------------------------------------------------------------------------------------------
 # Teacher targets (C.2)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def resize_gaze(gaze: torch.Tensor, source_grid: tuple[int, int], target_grid: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of a gaze map from the teacher's token grid to the student's (`align_corners=False`, the
-    convention of `torch.nn.functional.interpolate`).
-
-    Args:
-        gaze: `(rows_t * cols_t,)` or `(rows_t, cols_t)`. source_grid, target_grid: `(rows, cols)`.
-    Returns:
-        `(rows_s, cols_s)` float32.
-    """
-    rows, cols = source_grid
-    gaze = torch.as_tensor(gaze, dtype=torch.float32)
-    if gaze.numel() != rows * cols:
-        raise ValueError(f"A gaze of {gaze.numel()} values does not fill its {rows} x {cols} grid.")
-    grid = gaze.reshape(1, 1, rows, cols)
-    if (rows, cols) == tuple(target_grid):
-        return grid[0, 0].clone()
-    return F.interpolate(grid, size=tuple(target_grid), mode="bilinear", align_corners=False)[0, 0]
 
 
 def sparsify_gaze(gaze: torch.Tensor, top_k: int = 8, eps: float = 1e-8) -> torch.Tensor:

@@ -29,7 +29,8 @@ def lavit15k_rows(n: int, width: int, seed: int = 0) -> list[dict]:
             "gaze": gaze.tolist(), "gaze_grid": grid,
             "v_sem_mean": rng.standard_normal(width).astype(np.float16).tolist(),
             "v_sem_gaze": rng.standard_normal(width).astype(np.float16).tolist(),
-            "s_focus": 0.3, "correct": True, "text_only_correct": False, "aligned": True, "kept": True,
+            "s_focus": float(rng.uniform(0.05, 0.6)), "correct": i % 3 != 0, "text_only_correct": False,
+            "aligned": True, "kept": True,
             "reject_reason": None, "teacher_model": "tiny",
         })
     return rows
