@@ -337,11 +337,20 @@ def load_lavit_dataset(path: str | os.PathLike, config: str = "kept"):
 
     if config not in ("kept", "all"):
         raise ValueError(f"LaViT-15K has the configs 'kept' and 'all', not {config!r}.")
-    if os.path.isdir(path) and not list(Path(path, config).glob("*.parquet")):
+    if not os.path.isdir(path):
+        return load_dataset(str(path), config, split="train")
+    shards = sorted(Path(path, config).glob("*.parquet"))
+    if not shards:
         raise ValueError(
             f"{path} has no '{config}' shards; build them with examples/build_lavit_dataset.py --output-dir {path}."
         )
-    return load_dataset(str(path), config, split="train")
+    # A local folder is read as it is now, not through the datasets cache: that cache keys a local folder by its
+    # name and config alone, so a folder rebuilt (or another folder of the same name) would return stale rows.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    return Dataset(pa.concat_tables([pq.read_table(shard) for shard in shards]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -87,6 +88,24 @@ def test_reference_build_is_complete_and_loadable(reference):
     assert header["size_categories"] == ["n<1K"]
     for name in COLUMNS:
         assert f"| `{name}` |" in card
+
+
+def test_a_rebuilt_folder_is_read_as_it_is_now(reference, tmp_path):
+    """datasets' cache keys a local folder by its name and config: a second folder named lavit15k (or the same folder
+    rebuilt) must not come back with the first one's rows."""
+    out, _ = reference
+    first = load_lavit_dataset(out, "all")
+    other = tmp_path / "lavit15k"
+    (other / "all").mkdir(parents=True)
+    import pyarrow as pa
+
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((out / "all").glob("*.parquet"))])
+    pq.write_table(table.slice(0, 5), other / "all" / "shard-00000.parquet")
+    shutil.copy(out / "README.md", other / "README.md")
+    second = load_lavit_dataset(other, "all")
+    assert len(second) == 5 and second["id"] == table.column("id").to_pylist()[:5]
+    assert len(load_lavit_dataset(out, "all")) == len(first) == 24
+    assert second[0]["image"].__class__.__module__.startswith("PIL")
 
 
 def test_killed_build_resumes_to_the_same_rows(reference, tiny_base_dir, viscot, tmp_path):
