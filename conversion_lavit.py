@@ -30,7 +30,7 @@ from transformers import (
 
 from configuration_lavit import LavitConfig
 from modeling_lavit import LavitForConditionalGeneration
-from processing_lavit import LavitProcessor, latent_token_strings
+from processing_lavit import LavitProcessor, latent_token_strings, remove_latent_tokens_from_chat_template
 
 
 logger = logging.getLogger(__name__)
@@ -232,12 +232,15 @@ def _model_card(base_model: str | None) -> str:
     )
 
 
-def export_to_qwen2_5_vl(lavit_dir: str | os.PathLike, output_dir: str | os.PathLike) -> str:
+def export_to_qwen2_5_vl(lavit_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                         force_latent_tokens: bool = True) -> str:
     """Writes a stock Qwen2.5-VL checkpoint from a LaViT checkpoint and returns its path.
 
     The concept head is dropped (it only serves training) and no remote code is written; the latent tokens stay in
     the tokenizer, and the chat template keeps appending them after the generation prompt, so a server that uses the
-    checkpoint's template (vLLM, SGLang) runs the model as it was trained.
+    checkpoint's template (vLLM, SGLang) runs the model as it was trained. A checkpoint trained without latent
+    tokens (the trainer's `distill=False`: a Naive-SFT baseline, or a teacher fine-tuned that way) is exported with
+    `force_latent_tokens=False`, which takes the latent block out of the chat template.
     """
     lavit_dir, output_dir = os.fspath(lavit_dir), os.fspath(output_dir)
     lavit_config = LavitConfig.from_pretrained(lavit_dir)
@@ -256,6 +259,8 @@ def export_to_qwen2_5_vl(lavit_dir: str | os.PathLike, output_dir: str | os.Path
     stock.save_pretrained(output_dir)
 
     processor = LavitProcessor.from_pretrained(lavit_dir)
+    if not force_latent_tokens:
+        processor.tokenizer.chat_template = remove_latent_tokens_from_chat_template(processor.tokenizer.chat_template)
     processor.tokenizer.save_pretrained(output_dir)
     processor.image_processor.save_pretrained(output_dir)
     # Stock loaders must not be pointed at LaViT's processor class.

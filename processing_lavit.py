@@ -68,6 +68,18 @@ def add_latent_tokens_to_chat_template(chat_template: str, latent_string: str) -
     return chat_template[:cut] + hook + chat_template[cut:]
 
 
+def remove_latent_tokens_from_chat_template(chat_template: str) -> str:
+    """Undoes `add_latent_tokens_to_chat_template`: the generation prompt no longer forces the latent tokens (for a
+    checkpoint trained without them, such as a Naive-SFT baseline or a teacher fine-tuned that way). A template
+    without the hook is returned unchanged."""
+    pattern = re.compile(
+        re.escape(_LATENT_HOOK_MARK) + r"\{% if " + re.escape(LATENT_SWITCH) + r" is not defined or "
+        + re.escape(LATENT_SWITCH) + r" %\}.*?\{% endif %\}",
+        re.S,
+    )
+    return pattern.sub("", chat_template, count=1)
+
+
 def set_default_system_prompt(chat_template: str, system_prompt: str) -> str:
     """Replaces Qwen's default system prompt in `chat_template` by `system_prompt` (the paper's, C.3, by default).
 

@@ -372,11 +372,12 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = re.compile(r"[^\w\s]")
 
 
-def normalize_answer(text: str) -> str:
-    """Lower case, NFKC, punctuation and the articles a/an/the removed, white space collapsed."""
+def normalize_answer(text: str, drop_articles: bool = True) -> str:
+    """Lower case, NFKC, punctuation and (by default) the articles a/an/the removed, white space collapsed."""
     text = unicodedata.normalize("NFKC", text).lower()
     text = _PUNCT.sub(" ", text)
-    text = _ARTICLES.sub(" ", text)
+    if drop_articles:
+        text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
 
@@ -398,7 +399,8 @@ def answer_matches(prediction: str, answer: str, source: str = "") -> bool:
     """The default correctness judge of filter stage 1.
 
     * document sources (DocVQA, InfographicsVQA, DUDE, SROIE): ANLS >= 0.5;
-    * otherwise: after `normalize_answer`, the prediction equals the answer or contains it as whole words.
+    * otherwise: after `normalize_answer`, the prediction equals the answer or contains it as whole words (articles
+      are kept when the answer is nothing but one, so the option letter "A" is judged like "B").
 
     Empty answers never match. Pass another callable `(prediction, answer, source) -> bool` to the builder to judge
     differently (e.g. an LLM judge for free-form captions).
@@ -408,6 +410,8 @@ def answer_matches(prediction: str, answer: str, source: str = "") -> bool:
     if source.lower() in DOCUMENT_SOURCES:
         return anls(prediction, answer) >= 0.5
     p, a = normalize_answer(prediction), normalize_answer(answer)
+    if not a:  # the answer is itself an article-like word, such as the option letter "A": keep the articles
+        p, a = normalize_answer(prediction, drop_articles=False), normalize_answer(answer, drop_articles=False)
     if not p or not a:
         return False
     return p == a or f" {a} " in f" {p} "

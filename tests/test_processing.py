@@ -10,6 +10,7 @@ from processing_lavit import (
     LAVIT_SYSTEM_PROMPT,
     LavitProcessor,
     add_latent_tokens_to_chat_template,
+    remove_latent_tokens_from_chat_template,
     set_default_system_prompt,
 )
 
@@ -81,6 +82,8 @@ def test_latent_hook_in_both_template_styles(template):
     assert render(messages=messages, add_generation_prompt=True).endswith("<|im_start|>assistant\n<z1><z2>")
     assert render(messages=messages, add_generation_prompt=True, add_latent_tokens=False).endswith("assistant\n")
     assert "<z1>" not in render(messages=messages, add_generation_prompt=False)
+    assert remove_latent_tokens_from_chat_template(patched) == template  # the exact inverse
+    assert remove_latent_tokens_from_chat_template(template) == template
 
 
 def test_template_without_generation_prompt_is_refused():

@@ -117,3 +117,18 @@ def test_fresh_offline_process_loads_everything(lavit_dir, processor, two_images
     generated = model.generate(**single, max_new_tokens=6, do_sample=False)
     expected = processor.decode(generated[0, single["input_ids"].shape[1]:], skip_special_tokens=True)
     assert info["answer"] == expected
+
+
+def test_export_without_forced_latents_for_models_trained_without_them(lavit_dir, tmp_path):
+    from processing_lavit import LavitBaseProcessor  # the stock processor without torchvision
+
+    forced = LavitBaseProcessor.from_pretrained(export_to_qwen2_5_vl(lavit_dir, tmp_path / "forced"))
+    plain = LavitBaseProcessor.from_pretrained(export_to_qwen2_5_vl(lavit_dir, tmp_path / "plain",
+                                                                    force_latent_tokens=False))
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    with_latents = forced.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    without = plain.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert with_latents.endswith("assistant\n<v-trace1><v-trace2><v-trace3><v-trace4>")
+    assert without.endswith("<|im_start|>assistant\n") and "<v-trace" not in without
+    assert with_latents == without + "<v-trace1><v-trace2><v-trace3><v-trace4>"  # nothing else changed
+    assert "<v-trace1>" in plain.tokenizer.get_vocab()  # the token rows stay; only the prompt stops forcing them

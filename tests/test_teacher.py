@@ -121,6 +121,10 @@ def test_a_teacher_must_be_qwen2_5_vl(lavit_dir):
         ("reddish", "red", "gqa", False),  # whole words only
         ("", "red", "gqa", False),
         ("blue", "red", "gqa", False),
+        ("A", "A", "synthetic", True),  # the option letter A is not the article a
+        ("(A)", "A", "synthetic", True),
+        ("B", "A", "synthetic", False),
+        ("A", "B", "synthetic", False),
         ("The Sign", "sign", "textvqa", True),
         ("INVOICE 1234", "invoice 1235", "docvqa", True),  # ANLS 11/12 >= 0.5
         ("total", "subtotal amount", "docvqa", False),
