@@ -7,7 +7,7 @@ STAMP := $(VENV)/.lavit-installed
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo tour bench clean
 
 install: $(STAMP)
 
@@ -24,7 +24,12 @@ test: install
 test-all: install
 	$(PY) -m pytest -q
 
+# The main job: LaViT end to end on a synthetic grounding task (about 20 minutes on 2 CPU cores; a rerun resumes).
 demo: install
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) examples/quickstart.py --output-dir quickstart_output
+
+# The one-minute tour: convert a tiny Qwen2.5-VL to LaViT, reload it with remote code, answer one question.
+tour: install
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py --output-dir demo_output
 
 bench: install
@@ -34,4 +39,4 @@ bench: install
 	$(PY) benchmarks/bench_generate.py --write-results
 
 clean:
-	rm -rf $(VENV) demo_output build *.egg-info
+	rm -rf $(VENV) demo_output quickstart_output build *.egg-info

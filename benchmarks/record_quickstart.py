@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Records a finished quickstart run (`make demo`, i.e. `examples/quickstart.py`) in benchmarks/RESULTS.md: the wall
+time of each stage as measured during the run, and its results table and verdict, read from its `results.json`.
+
+    python benchmarks/record_quickstart.py --output-dir quickstart_output [--write-results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import quickstart  # noqa: E402
+from common import report  # noqa: E402
+
+SECTION = "quickstart: the default run (make demo)"
+
+
+def body_of(results: dict) -> str:
+    if results["smoke"]:
+        raise SystemExit("This is a --smoke run; record a default run (make demo).")
+    settings = results["settings"]
+    seconds = results["stage_seconds"]
+    lines = [
+        f"Default settings: teacher pool {settings['teacher_pool']}, distillation split {settings['distill_samples']}, "
+        f"validation {settings['val']}, test {settings['test']}; teacher at most {settings['teacher_steps']} steps, "
+        f"batch {settings['batch_size']}; students {settings['student_steps']} steps x {settings['seeds']} seeds per "
+        f"method, batch {settings['student_batch_size']}; text {settings['text_hidden']} x {settings['text_layers']} layers, vision "
+        f"{settings['vision_hidden']}. Teacher {results['parameters']['teacher']:,} parameters, students "
+        f"{results['parameters']['student']:,}.",
+        "",
+        "| stage | wall time s |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {s:.1f} |" for name, s in seconds.items()]
+    lines += [f"| total | {sum(seconds.values()):.1f} |", ""]
+    t = results["teacher"]
+    lines += [f"Teacher: {t['val_accuracy']:.1f}% on validation after {t['steps']} steps (target {t['target']:.0f}%); "
+              f"kept {results['dataset']['kept']} of {results['dataset']['processed']} distillation samples.", ""]
+    lines += ["| model | test accuracy (%) | S_focus | entropy | salient regions |", "|---|---|---|---|---|"]
+    m = results["methods"]
+    for name in ("teacher", "base (untrained)", "naive_sft", "lavit", "lavit (latent tokens)"):
+        row = m[name]
+        lines.append(f"| {name} | {quickstart.fmt(row['accuracy'])} | {quickstart.fmt(row['s_focus'], digits=3)} | "
+                     f"{quickstart.fmt(row['entropy'], digits=3)} | "
+                     f"{quickstart.fmt(row['salient_regions'], digits=2)} |")
+    for mode in ("none", "masked", "zeroed", "shuffled"):
+        lines.append(f"| lavit, latents {mode} | {quickstart.fmt(m[f'lavit [{mode}]']['accuracy'])} | | | |")
+    lines += ["", *quickstart.verdict(results)]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", default="quickstart_output", help="the quickstart run's folder")
+    parser.add_argument("--write-results", action="store_true", help="store the section in benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    results = json.loads(Path(args.output_dir, "results.json").read_text())
+    report("record_quickstart.py", SECTION, body_of(results), args.write_results)
+
+
+if __name__ == "__main__":
+    main()

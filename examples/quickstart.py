@@ -1,0 +1,660 @@
+#!/usr/bin/env python
+"""LaViT end to end on a CPU: a synthetic grounding task where looking at the right place decides the answer, a tiny
+teacher trained on it, its signals extracted and filtered by the real builder, Naive-SFT and LaViT students trained
+on the same limited data over several seeds, every model evaluated by the harness (latent modes included), the
+attention analysis, and an honest report.
+
+Every stage runs through the project's own code (the Visual-CoT reader, `convert_qwen2_5_vl_to_lavit`, the LaViT-15K
+builder, `LavitSFTTrainer`, the evaluation harness, the analysis) and keeps its artefacts under --output-dir; a
+finished stage is not run again. Tested with (2 CPU cores):
+
+    python examples/quickstart.py --output-dir quickstart_output     # the default run (make demo)
+    python examples/quickstart.py --output-dir quickstart-smoke --smoke   # every stage at toy size, under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import synthetic_grounding as task  # noqa: E402
+
+log = logging.getLogger("quickstart")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", default="quickstart", help="where every stage's artefacts go")
+    parser.add_argument("--smoke", action="store_true", help="every stage at toy size (a CI check, not a result)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=3, help="student seeds per method")
+    parser.add_argument("--teacher-pool", type=int, default=20000, help="generated samples the teacher trains on")
+    parser.add_argument("--distill-samples", type=int, default=2000, help="samples the teacher's signals are built on")
+    parser.add_argument("--val", type=int, default=200)
+    parser.add_argument("--test", type=int, default=300)
+    parser.add_argument("--teacher-steps", type=int, default=2500, help="at most this many teacher steps")
+    parser.add_argument("--teacher-target", type=float, default=0.90, help="stop the teacher at this val accuracy")
+    parser.add_argument("--teacher-eval-every", type=int, default=500)
+    parser.add_argument("--student-steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=32, help="the teacher's batch")
+    parser.add_argument("--student-batch-size", type=int, default=16,
+                        help="the students' batch (their data are the few hundred samples the filter kept)")
+    parser.add_argument("--teacher-lr", type=float, default=1e-3)
+    parser.add_argument("--student-lr", type=float, default=1e-3)
+    parser.add_argument("--text-hidden", type=int, default=64)
+    parser.add_argument("--text-layers", type=int, default=2)
+    parser.add_argument("--vision-hidden", type=int, default=64)
+    parser.add_argument("--teacher-text-hidden", type=int, default=None, help="default: --text-hidden")
+    parser.add_argument("--teacher-text-layers", type=int, default=None, help="default: --text-layers")
+    parser.add_argument("--ablations", action="store_true", help="also train the Table 3 ablations (one seed each)")
+    parser.add_argument("--analysis-samples", type=int, default=60)
+    parser.add_argument("--filter-stages", nargs="*", default=["correctness", "difficulty", "alignment"],
+                        help="the builder's filter stages (none: keep every sample the teacher processed)")
+    parser.add_argument("--focus-threshold", type=float, default=0.15, help="the alignment stage's S_focus threshold")
+    parser.add_argument("--query-rows", default="prompt_and_response", choices=("response", "prompt_and_response"),
+                        help="the text rows whose attention makes the teacher's gaze (this tiny teacher grounds at the "
+                             "question's colour word, so its answer rows alone look almost uniform)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.teacher_pool, args.distill_samples, args.val, args.test = 2, 64, 24, 8, 8
+        args.teacher_steps, args.teacher_eval_every, args.student_steps, args.batch_size = 4, 2, 3, 4
+        args.student_batch_size = 4
+        args.analysis_samples, args.text_hidden, args.vision_hidden = 4, 32, 32
+        args.filter_stages = []  # a 4-step teacher answers nothing right; the filter would keep nothing
+    args.teacher_text_hidden = args.teacher_text_hidden or args.text_hidden
+    args.teacher_text_layers = args.teacher_text_layers or args.text_layers
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Stages:
+    """Runs each stage once: its result is stored in `<output>/stages/<name>.json` and read back on a rerun."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        (root / "stages").mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, function, *args, **kwargs) -> dict:
+        marker = self.root / "stages" / f"{name}.json"
+        if marker.exists():
+            result = json.loads(marker.read_text())
+            log.info("[%s] done before, resumed (%.1f s then)", name, result.get("_seconds", 0.0))
+            self.timings[name] = 0.0
+            return result
+        log.info("[%s] ...", name)
+        start = time.time()
+        result = function(*args, **kwargs)
+        result["_seconds"] = time.time() - start
+        self.timings[name] = result["_seconds"]
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, marker)
+        log.info("[%s] %.1f s", name, result["_seconds"])
+        return result
+
+
+def check_settings(root: Path, args) -> None:
+    """A rerun resumes only a run of the same settings: a folder made with others is refused, naming them."""
+    settings = {k: v for k, v in vars(args).items() if k != "output_dir"}
+    path = root / "settings.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            differences = ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
+            raise SystemExit(
+                f"{root} holds a run made with other settings ({differences}); its finished stages would not match. "
+                "Use another --output-dir, or delete this one to start over."
+            )
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2))
+
+
+def stage_task(args, root: Path) -> dict:
+    """The synthetic task: a large pool for the teacher, a limited set to distil on, validation and test splits (the
+    latter two also in MMVP's format), from separate seeds, with no scene shared between splits."""
+    folder = root / "task"
+    seen: set = set()
+    paths = {}
+    for offset, (split, n) in enumerate((("teacher_pool", args.teacher_pool), ("distill", args.distill_samples),
+                                         ("val", args.val), ("test", args.test))):
+        samples = task.generate_split(n, args.seed + offset, exclude=seen)
+        seen |= {s["key"] for s in samples}
+        paths[split] = task.write_visual_cot(samples, str(folder), split)
+        if split in ("val", "test"):
+            paths[f"{split}_mmvp"] = task.write_mmvp(samples, str(folder / f"{split}_mmvp"))
+    paths["images"] = str(folder / "images")
+    return paths
+
+
+def stage_models(args, root: Path, paths: dict) -> dict:
+    """A tokenizer trained here on the task's text, then a tiny teacher and a tiny student base (stock Qwen2.5-VL)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from data_lavit import read_visual_cot
+    from processing_lavit import LAVIT_SYSTEM_PROMPT
+    from testing_lavit import tiny_corpus, tiny_image_processor, tiny_qwen2_5_vl_config, train_tiny_tokenizer
+
+    samples, _ = read_visual_cot(paths["teacher_pool"])
+    corpus = [LAVIT_SYSTEM_PROMPT] * 20 + [s.question for s in samples[:2000]] + tiny_corpus(300, seed=args.seed)
+    tokenizer = train_tiny_tokenizer(vocab_size=600, corpus=corpus)
+    out = {}
+    for name, hidden, layers, seed in (("teacher_base", args.teacher_text_hidden, args.teacher_text_layers, 1),
+                                       ("student_base", args.text_hidden, args.text_layers, 2)):
+        config = tiny_qwen2_5_vl_config(tokenizer, text_hidden_size=hidden, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * hidden,
+                                        vision_hidden_size=args.vision_hidden, vision_depth=2, vision_heads=4)
+        torch.manual_seed(args.seed * 100 + seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+        model.generation_config.eos_token_id = config.text_config.eos_token_id
+        model.generation_config.pad_token_id = config.text_config.pad_token_id
+        path = root / "models" / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        tiny_image_processor().save_pretrained(path)
+        out[name] = str(path)
+        out[f"{name}_parameters"] = sum(p.numel() for p in model.parameters())
+    return out
+
+
+def sft_dataset(viscot_json: str, image_root: str):
+    """A Visual-CoT file as the trainer's rows (image, question, answer)."""
+    from datasets import Dataset, Image
+
+    from data_lavit import read_visual_cot
+
+    samples, _ = read_visual_cot(viscot_json)
+    return Dataset.from_dict({
+        "image": [os.path.join(image_root, s.image) for s in samples],
+        "question": [s.question for s in samples],
+        "answer": [s.answer for s in samples],
+        "id": [s.id for s in samples],
+    }).cast_column("image", Image())
+
+
+def accuracy(model, processor, samples, path: str, mode: str, batch_size: int = 50) -> dict:
+    from evaluation_lavit import evaluate, score
+
+    if os.path.exists(path):
+        os.remove(path)
+    result = evaluate(model, processor, samples, path, mode=mode, batch_size=batch_size, max_new_tokens=3,
+                      model_name=str(getattr(model.config, "_name_or_path", "model")), progress=False)
+    scores = score(result.records)
+    benchmark = next(iter(scores))
+    return {"accuracy": scores[benchmark]["accuracy"], "unparseable": scores[benchmark]["unparseable"]}
+
+
+def stage_teacher(args, root: Path, paths: dict, models: dict) -> dict:
+    """Plain supervised fine-tuning of the teacher on the large pool (the trainer's Naive-SFT mode on a converted copy),
+    evaluated on validation every few hundred steps and stopped at the target accuracy; exported as a stock model."""
+    from transformers import TrainerCallback
+
+    from conversion_lavit import convert_qwen2_5_vl_to_lavit, export_to_qwen2_5_vl
+    from evaluation_lavit import load_mmvp
+    from modeling_lavit import LavitForConditionalGeneration
+    from processing_lavit import LavitProcessor
+    from trainer_lavit import LavitSFTConfig, LavitSFTTrainer
+
+    work = root / "models" / "teacher_training"
+    lavit_dir = convert_qwen2_5_vl_to_lavit(models["teacher_base"], work / "converted",
+                                            teacher_hidden_size=args.teacher_text_hidden, seed=args.seed)
+    model = LavitForConditionalGeneration.from_pretrained(lavit_dir)
+    processor = LavitProcessor.from_pretrained(lavit_dir)
+    val = load_mmvp(paths["val_mmvp"])
+    curve = []
+
+    class StopAtTarget(TrainerCallback):
+        def on_step_end(self, cb_args, state, control, model=None, **kwargs):
+            if state.global_step % args.teacher_eval_every and state.global_step != state.max_steps:
+                return
+            model.eval()
+            result = accuracy(model, processor, val, str(work / "val_predictions.jsonl"), mode="none")
+            model.train()
+            curve.append({"step": state.global_step, "val_accuracy": result["accuracy"]})
+            log.info("  teacher step %d: validation accuracy %.1f%%", state.global_step, result["accuracy"])
+            if result["accuracy"] >= 100 * args.teacher_target:
+                control.should_training_stop = True
+
+    config = LavitSFTConfig(
+        str(work / "run"), use_cpu=True, distill=False, max_steps=args.teacher_steps,
+        per_device_train_batch_size=args.batch_size, learning_rate=args.teacher_lr, lr_scheduler_type="cosine",
+        warmup_ratio=0.05, weight_decay=0.0, activation_checkpointing=False, freeze_vision_tower=False,
+        logging_steps=max(1, args.teacher_eval_every), save_strategy="no", report_to="none", seed=args.seed,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    trainer = LavitSFTTrainer(model=model, args=config, train_dataset=sft_dataset(paths["teacher_pool"], paths["images"]),
+                              processing_class=processor, callbacks=[StopAtTarget()])
+    trainer.train()
+    trainer.save_model(str(work / "trained"))
+    processor.save_pretrained(str(work / "trained"))
+    # trained without latent tokens, so exported without the chat template forcing them
+    teacher_dir = export_to_qwen2_5_vl(work / "trained", root / "models" / "teacher", force_latent_tokens=False)
+    final = curve[-1]["val_accuracy"] if curve else float("nan")
+    if final < 100 * args.teacher_target:
+        log.warning("The teacher reached %.1f%% on validation, below the %.0f%% target; its signals are weaker than "
+                    "intended (raise --teacher-steps).", final, 100 * args.teacher_target)
+    return {"teacher": teacher_dir, "curve": curve, "steps": trainer.state.global_step, "val_accuracy": final}
+
+
+def stage_student(args, root: Path, models: dict, teacher: dict) -> dict:
+    from conversion_lavit import convert_qwen2_5_vl_to_lavit
+
+    path = convert_qwen2_5_vl_to_lavit(models["student_base"], root / "models" / "student_lavit",
+                                       teacher_hidden_size=args.teacher_text_hidden, seed=args.seed)
+    return {"student_lavit": path}
+
+
+def stage_dataset(args, root: Path, paths: dict, teacher: dict) -> dict:
+    """The real LaViT-15K builder on the distillation split: teacher answers with and without the image, gaze and
+    V_sem from one forced pass, the three-stage filter."""
+    from teacher_lavit import BuilderConfig, build_lavit_dataset, finalize_dataset
+
+    out = str(root / "lavit15k")
+    config = BuilderConfig(teacher=teacher["teacher"], viscot_json=paths["distill"], image_root=paths["images"],
+                           batch_size=50, shard_size=500, min_pixels=4 * 784, max_pixels=256 * 784, max_new_tokens=3,
+                           seed=args.seed, stages=tuple(args.filter_stages), focus_threshold=args.focus_threshold,
+                           query_rows=args.query_rows)
+    build_lavit_dataset(config, out, progress=False)
+    summary = finalize_dataset(out, config, "python examples/quickstart.py (stage: dataset)")
+    if not summary["kept"]:
+        raise RuntimeError(
+            f"The builder kept none of the {summary['processed']} samples (rejected: {summary['rejected']}), so there "
+            f"is nothing to distil; the teacher reached {teacher['val_accuracy']:.1f}% on validation. Train it longer "
+            "(--teacher-steps) or relax the filter (--filter-stages, --focus-threshold), then delete "
+            f"{out} and {Path(out).parent / 'stages' / 'dataset.json'} if present and rerun."
+        )
+    return {"dataset": out, "filter_stages": list(args.filter_stages), "focus_threshold": args.focus_threshold,
+            "query_rows": args.query_rows, **summary}
+
+
+def train_student(args, root: Path, name: str, student_dir: str, dataset_dir: str, seed: int, **overrides) -> dict:
+    from data_lavit import load_lavit_dataset
+    from modeling_lavit import LavitForConditionalGeneration
+    from processing_lavit import LavitProcessor
+    from trainer_lavit import LavitSFTConfig, LavitSFTTrainer
+
+    out = root / "students" / f"{name}-seed{seed}"
+    model = LavitForConditionalGeneration.from_pretrained(student_dir)
+    processor = LavitProcessor.from_pretrained(student_dir)
+    settings = dict(
+        use_cpu=True, max_steps=args.student_steps, per_device_train_batch_size=args.student_batch_size,
+        learning_rate=args.student_lr, lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.0,
+        gate_warmup_steps=max(1, int(0.4 * args.student_steps)), activation_checkpointing=False,
+        freeze_vision_tower=False, logging_steps=max(1, args.student_steps // 10), save_strategy="no",
+        report_to="none", seed=seed, data_seed=seed, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    settings.update(overrides)
+    trainer = LavitSFTTrainer(model=model, args=LavitSFTConfig(str(out / "run"), **settings),
+                              train_dataset=load_lavit_dataset(dataset_dir, "kept"), processing_class=processor)
+    trainer.train()
+    trainer.save_model(str(out))
+    processor.save_pretrained(str(out))
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return {"path": str(out), "final_loss": logs[-1]["loss"] if logs else None,
+            "log": [{k: h.get(k) for k in ("step", "loss", "ntp_loss", "concept_loss", "trajectory_loss",
+                                           "sensory_gate")} for h in logs]}
+
+
+ABLATIONS = {
+    "no_trajectory": {"trajectory_loss_coef": 0.0},
+    "no_semantic": {"concept_loss_coef": 0.0},
+    "no_curriculum": {"gate_schedule": "step"},
+    "single_stage": {"gate_schedule": "none"},
+}
+
+
+def stage_students(args, root: Path, student: dict, dataset: dict) -> dict:
+    """Naive SFT and LaViT on the same kept samples, the same steps and the same seeds (and the ablations)."""
+    plan = [(name, seed, overrides) for seed in range(args.seeds)
+            for name, overrides in (("naive_sft", {"distill": False}), ("lavit", {}))]
+    if args.ablations:
+        plan += [(name, 0, overrides) for name, overrides in ABLATIONS.items()]
+    runs = {}
+    for i, (name, seed, overrides) in enumerate(plan, 1):
+        start = time.time()
+        runs[f"{name}-seed{seed}"] = info = train_student(args, root, name, student["student_lavit"],
+                                                          dataset["dataset"], seed, **overrides)
+        log.info("  student %d/%d: %s seed %d, %d steps in %.0f s, final loss %.3f", i, len(plan), name, seed,
+                 args.student_steps, time.time() - start, info["final_loss"] or math.nan)
+    return {"runs": runs}
+
+
+def stage_evaluate(args, root: Path, paths: dict, models: dict, teacher: dict, student: dict, students: dict) -> dict:
+    """Test accuracy of every model with the harness: the teacher and the untrained base in mode none, the students
+    in their modes (LaViT also with its latents masked, zeroed and shuffled)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from evaluation_lavit import load_mmvp
+    from modeling_lavit import LavitForConditionalGeneration
+    from processing_lavit import LavitBaseProcessor, LavitProcessor
+
+    test = load_mmvp(paths["test_mmvp"])
+    folder = root / "evaluation"
+    folder.mkdir(exist_ok=True)
+    results = {}
+    for name, path in (("teacher", teacher["teacher"]), ("base (untrained)", models["student_base"])):
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+        results[name] = {"none": accuracy(model, LavitBaseProcessor.from_pretrained(path), test,
+                                          str(folder / f"{name.split()[0]}.jsonl"), "none")}
+    for run, info in students["runs"].items():
+        model = LavitForConditionalGeneration.from_pretrained(info["path"]).eval()
+        processor = LavitProcessor.from_pretrained(info["path"])
+        modes = ["none"] if run.startswith("naive_sft") else (
+            ["forced", "none", "masked", "zeroed", "shuffled"] if run.startswith("lavit") else ["forced"])
+        results[run] = {mode: accuracy(model, processor, test, str(folder / f"{run}-{mode}.jsonl"), mode)
+                        for mode in modes}
+    return {"results": results}
+
+
+def stage_analysis(args, root: Path, paths: dict, models: dict, teacher: dict, students: dict, dataset: dict) -> dict:
+    """The attention analysis: each model's attention while answering the test questions (S_focus on the key object's
+    cell, entropy, salient regions), Figures 2-5 and the perception gap of the seed-0 students."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from analysis_lavit import (answer_trajectories, attention_entropy, attention_statistics, focus_curve, focus_of,
+                                perception_gap, plot_entropy_histograms, plot_focus_curve, plot_heatmaps,
+                                plot_perception_gap)
+    from data_lavit import load_lavit_dataset, read_visual_cot
+    from modeling_lavit import LavitForConditionalGeneration
+    from processing_lavit import LavitBaseProcessor, LavitProcessor
+
+    folder = root / "analysis"
+    folder.mkdir(exist_ok=True)
+    samples, _ = read_visual_cot(paths["test"])
+    samples = samples[: args.analysis_samples]
+    from PIL import Image
+
+    images = [Image.open(os.path.join(paths["images"], s.image)).convert("RGB") for s in samples]
+    questions = [s.question for s in samples]
+    boxes = [s.bbox for s in samples]
+
+    everything = load_lavit_dataset(dataset["dataset"], "all")
+    flags = everything.select_columns(["s_focus", "correct"])
+    curve = focus_curve(flags["s_focus"], flags["correct"], [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    right = [f for f, c in zip(flags["s_focus"], flags["correct"]) if c]
+    wrong = [f for f, c in zip(flags["s_focus"], flags["correct"]) if not c]
+    figure2 = {"curve": curve, "mean_focus_correct": float(np.mean(right)) if right else None,
+               "mean_focus_incorrect": float(np.mean(wrong)) if wrong else None}
+    plot_focus_curve(curve, figure2["mean_focus_correct"] or math.nan, figure2["mean_focus_incorrect"] or math.nan,
+                     folder / "figure2_accuracy_vs_focus.png")
+
+    rows = args.query_rows  # the text rows the builder read the teacher's gaze from
+    loaded = {"teacher": (Qwen2_5_VLForConditionalGeneration.from_pretrained(teacher["teacher"]).eval(),
+                          LavitBaseProcessor.from_pretrained(teacher["teacher"]), rows),
+              "base (untrained)": (Qwen2_5_VLForConditionalGeneration.from_pretrained(models["student_base"]).eval(),
+                                   LavitBaseProcessor.from_pretrained(models["student_base"]), rows)}
+    for run, info in students["runs"].items():
+        model = LavitForConditionalGeneration.from_pretrained(info["path"]).eval()
+        processor = LavitProcessor.from_pretrained(info["path"])
+        processor.add_latent_tokens = not run.startswith("naive_sft")  # Naive SFT never saw latent tokens
+        loaded[run] = (model, processor, rows)
+        if run.startswith("lavit"):
+            loaded[f"{run} (latents)"] = (model, loaded[run][1], "latents")
+    per_model, maps, grids, entropies = {}, {}, {}, {}
+    for name, (model, processor, model_rows) in loaded.items():
+        run = answer_trajectories(model, processor, images, questions, 3, model_rows, batch_size=20)
+        focus = [f for f in focus_of(run["maps"], run["grids"], images, boxes) if f is not None]
+        per_model[name] = {**attention_statistics(run["maps"]), "s_focus": float(np.mean(focus)), "rows": model_rows}
+        maps[name], grids[name] = run["maps"], run["grids"]
+        entropies[name] = [attention_entropy(m) for m in run["maps"]]
+    shown = ["teacher", "base (untrained)", "naive_sft-seed0", "lavit-seed0", "lavit-seed0 (latents)"]
+    plot_entropy_histograms({n: entropies[n] for n in shown}, folder / "figure4_entropy.png")
+    plot_heatmaps(images[:3], {n: maps[n][:3] for n in shown}, {n: grids[n][:3] for n in shown},
+                  folder / "figure5_heatmaps.png", boxes[:3])
+    gaps = {}
+    teacher_model, teacher_processor, _ = loaded["teacher"]
+    responses = [s.answer for s in samples]
+    for run in ("naive_sft-seed0", "lavit-seed0"):
+        model, processor, _ = loaded[run]
+        gap = perception_gap(teacher_model, teacher_processor, model, processor, images, questions, responses)
+        gaps[run] = {"per_category": gap["per_category"], "cosine_through": gap["cosine_through"]}
+    plot_perception_gap(gap, folder / "figure3_perception_gap.png")
+    return {"figure2": figure2, "per_model": per_model, "perception_gap": gaps,
+            "figures": ["analysis/figure2_accuracy_vs_focus.png", "analysis/figure3_perception_gap.png",
+                        "analysis/figure4_entropy.png", "analysis/figure5_heatmaps.png"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mean_std(values) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+
+
+def summarise(args, stages: dict) -> dict:
+    """results.json: every number the report shows."""
+    evaluation = stages["evaluate"]["results"]
+    analysis = stages["analysis"]["per_model"]
+    seeds = range(args.seeds)
+    methods = {}
+    for method, mode in (("naive_sft", "none"), ("lavit", "forced")):
+        runs = [f"{method}-seed{s}" for s in seeds]
+        methods[method] = {
+            "accuracy": mean_std([evaluation[r][mode]["accuracy"] for r in runs]),
+            "s_focus": mean_std([analysis[r]["s_focus"] for r in runs]),
+            "entropy": mean_std([analysis[r]["entropy"]["mean"] for r in runs]),
+            "salient_regions": mean_std([analysis[r]["salient_regions"]["mean"] for r in runs]),
+            "salient_regions_cv": mean_std([analysis[r]["salient_regions"]["cv"] for r in runs]),
+        }
+    latents = [f"lavit-seed{s} (latents)" for s in seeds]
+    methods["lavit (latent tokens)"] = {
+        "accuracy": mean_std([]),
+        "s_focus": mean_std([analysis[r]["s_focus"] for r in latents]),
+        "entropy": mean_std([analysis[r]["entropy"]["mean"] for r in latents]),
+        "salient_regions": mean_std([analysis[r]["salient_regions"]["mean"] for r in latents]),
+        "salient_regions_cv": mean_std([analysis[r]["salient_regions"]["cv"] for r in latents]),
+    }
+    for mode in ("none", "masked", "zeroed", "shuffled"):
+        methods[f"lavit [{mode}]"] = {"accuracy": mean_std([evaluation[f"lavit-seed{s}"][mode]["accuracy"] for s in seeds])}
+    for name in ("teacher", "base (untrained)"):
+        methods[name] = {"accuracy": mean_std([evaluation[name]["none"]["accuracy"]]),
+                         "s_focus": mean_std([analysis[name]["s_focus"]]),
+                         "entropy": mean_std([analysis[name]["entropy"]["mean"]]),
+                         "salient_regions": mean_std([analysis[name]["salient_regions"]["mean"]]),
+                         "salient_regions_cv": mean_std([analysis[name]["salient_regions"]["cv"]])}
+    for name in ABLATIONS:
+        if f"{name}-seed0" in evaluation:
+            methods[f"ablation: {name}"] = {"accuracy": mean_std([evaluation[f"{name}-seed0"]["forced"]["accuracy"]])}
+    lavit, naive = methods["lavit"], methods["naive_sft"]
+
+    def diff(key):
+        if lavit[key]["mean"] is None or naive[key]["mean"] is None:
+            return None
+        return lavit[key]["mean"] - naive[key]["mean"]
+
+    return {
+        "smoke": args.smoke,
+        "settings": {k: v for k, v in vars(args).items()},
+        "teacher": {"val_accuracy": stages["teacher"]["val_accuracy"], "steps": stages["teacher"]["steps"],
+                    "curve": stages["teacher"]["curve"], "target": 100 * args.teacher_target},
+        "parameters": {"teacher": stages["models"]["teacher_base_parameters"],
+                       "student": stages["models"]["student_base_parameters"]},
+        "dataset": {k: stages["dataset"][k] for k in ("processed", "kept", "rejected", "skipped", "filter_stages",
+                                                       "focus_threshold", "query_rows")},
+        "methods": methods,
+        "lavit_minus_naive": {"accuracy": diff("accuracy"), "s_focus": diff("s_focus")},
+        "figure2": stages["analysis"]["figure2"],
+        "perception_gap": stages["analysis"]["perception_gap"],
+        "figures": stages["analysis"]["figures"],
+        "stage_seconds": {name: stages[name]["_seconds"] for name in stages},
+    }
+
+
+def fmt(stat, scale: float = 1.0, digits: int = 1) -> str:
+    if stat is None or stat.get("mean") is None:
+        return "—"
+    if stat["n"] > 1:
+        return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+    return f"{stat['mean'] * scale:.{digits}f}"
+
+
+def verdict(results: dict) -> list[str]:
+    """One plain sentence per measure: who is ahead, by how much, and whether the gap exceeds twice the larger
+    seed-to-seed standard deviation."""
+    methods = results["methods"]
+    lavit, naive = methods["lavit"], methods["naive_sft"]
+    n = lavit["accuracy"]["n"]
+    lines = []
+    for key, label, unit in (("accuracy", "test accuracy", " points"),
+                             ("s_focus", "S_focus (attention on the key object's cell)", "")):
+        d = results["lavit_minus_naive"][key]
+        if d is None:
+            continue
+        spread = max(lavit[key]["std"] or 0.0, naive[key]["std"] or 0.0)
+        if abs(d) < 1e-9:
+            outcome = "tied with"
+        else:
+            outcome = "beat" if d > 0 else "did not beat"
+        clear = "larger than" if abs(d) > 2 * spread and abs(d) >= 1e-9 else "within"
+        lines.append(f"- On {label}, LaViT {outcome} Naive SFT here: {lavit[key]['mean']:.3f} against "
+                     f"{naive[key]['mean']:.3f}, a difference of {d:+.3f}{unit}, {clear} twice the larger seed-to-seed "
+                     f"standard deviation ({spread:.3f}) over {n} seeds.")
+    chance = 100.0 / 4
+    at_chance = [name for name, row in (("Naive SFT", naive), ("LaViT", lavit))
+                 if row["accuracy"]["mean"] is not None and abs(row["accuracy"]["mean"] - chance) <= 5.0]
+    if at_chance:
+        lines.append(f"- {' and '.join(at_chance)} {'are' if len(at_chance) > 1 else 'is'} within 5 points of chance "
+                     f"({chance:.0f}%): {'neither has' if len(at_chance) > 1 else 'it has not'} learned the task from "
+                     f"the {results['dataset']['kept']} kept samples in {results['settings']['student_steps']} steps, "
+                     "so the accuracy comparison says nothing about distillation here.")
+    return lines
+
+
+def size_note(parameters: dict) -> str:
+    ratio = parameters["teacher"] / parameters["student"]
+    if ratio < 1.5:
+        return "a teacher the size of its student (the paper distils a 32B teacher into a 3B student)"
+    return f"a teacher {ratio:.1f} times its student's size (the paper's is about 10 times)"
+
+
+def render_report(results: dict) -> str:
+    m = results["methods"]
+    smoke = results["smoke"]
+    lines = ["# LaViT quickstart report", ""]
+    if smoke:
+        lines += ["**Smoke run**: every stage at toy size to check the pipeline; the numbers below mean nothing.", ""]
+    t = results["teacher"]
+    d = results["dataset"]
+    lines += [
+        "## The task and the teacher", "",
+        "112-pixel images cut into 4 x 4 cells of 28 pixels (one visual token each); each object sits wholly inside "
+        "its own cell; the question names an object by its colour and asks its size class, options (A) tiny (B) small "
+        "(C) medium (D) large, answers balanced (chance: 25%).", "",
+        f"The teacher ({results['parameters']['teacher']:,} parameters) reached {t['val_accuracy']:.1f}% on "
+        f"validation after {t['steps']} steps of plain supervised fine-tuning"
+        + (f", short of the {t['target']:.0f}% target: its answers, gaze and semantics are those of a partly "
+           "trained teacher, and the filter keeps only the samples it got right." if t["val_accuracy"] < t["target"]
+           else f", above the {t['target']:.0f}% target.")
+        + f" Each student has {results['parameters']['student']:,} parameters.", "",
+        f"The builder processed {d['processed']} samples of the distillation split with the filter stages "
+        f"{', '.join(d['filter_stages']) or 'none'} (S_focus threshold {d['focus_threshold']}, the teacher's gaze "
+        f"read from its {d['query_rows'].replace('_', ' ')} rows) and kept {d['kept']} "
+        f"(rejected as {', '.join(f'{k}: {v}' for k, v in sorted(d['rejected'].items())) or 'nothing'}; inputs "
+        f"skipped: {d['skipped']}). Both students train on the kept samples only.", "",
+        "## Results on the test split", "",
+        "| model | accuracy (%) | S_focus | entropy | salient regions | salient CV |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("teacher", "base (untrained)", "naive_sft", "lavit", "lavit (latent tokens)"):
+        row = m[name]
+        lines.append(f"| {name} | {fmt(row['accuracy'])} | {fmt(row['s_focus'], digits=3)} | "
+                     f"{fmt(row['entropy'], digits=3)} | {fmt(row['salient_regions'], digits=2)} | "
+                     f"{fmt(row['salient_regions_cv'], digits=3)} |")
+    lines += ["", "Accuracy: greedy answers read by the harness's option extractor. S_focus: the share of the image "
+              "attention (averaged over heads, layers and text rows) that falls in the key object's cell, read from "
+              f"the same text rows as the teacher's gaze ({results['dataset']['query_rows'].replace('_', ' ')}, "
+              "each model's own greedy answer), or for the last row from the latent tokens. Entropy, salient regions and their coefficient "
+              "of variation as in Table 2 of the paper. Mean ± standard deviation over seeds.", "",
+              "LaViT at inference with its latent tokens changed (accuracy %, mean ± std over seeds):", "",
+              "| mode | accuracy (%) |", "|---|---|"]
+    lines.append(f"| forced (default) | {fmt(m['lavit']['accuracy'])} |")
+    for mode in ("none", "masked", "zeroed", "shuffled"):
+        lines.append(f"| {mode} | {fmt(m[f'lavit [{mode}]']['accuracy'])} |")
+    ablations = [k for k in m if k.startswith("ablation: ")]
+    if ablations:
+        lines += ["", "| ablation (one seed) | accuracy (%) |", "|---|---|"]
+        lines += [f"| {k[len('ablation: '):]} | {fmt(m[k]['accuracy'])} |" for k in ablations]
+    lines += ["", "## Verdict", ""] + verdict(results) + [
+        "",
+        "What this does and does not say: it is one synthetic task, tiny models trained from scratch on a CPU, "
+        f"{size_note(results['parameters'])} and a few hundred student steps. It shows the whole method running end "
+        "to end and "
+        "how the two students compare in this regime; it does not test the paper's claims about 3B students "
+        "distilled from a 32B teacher on LaViT-15K, whose effects can be larger, smaller or absent at that scale.",
+        "",
+        "## Figures", "",
+    ]
+    lines += [f"- [{Path(f).name}]({f})" for f in results["figures"]]
+    lines += ["", "## Stage times (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in results["stage_seconds"].items()]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "datasets", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    random.seed(args.seed)
+    root = Path(args.output_dir)
+    check_settings(root, args)
+    stages = Stages(root)
+    results = {}
+    results["task"] = stages.run("task", stage_task, args, root)
+    results["models"] = stages.run("models", stage_models, args, root, results["task"])
+    results["teacher"] = stages.run("teacher", stage_teacher, args, root, results["task"], results["models"])
+    results["student"] = stages.run("student", stage_student, args, root, results["models"], results["teacher"])
+    results["dataset"] = stages.run("dataset", stage_dataset, args, root, results["task"], results["teacher"])
+    results["students"] = stages.run("students", stage_students, args, root, results["student"], results["dataset"])
+    results["evaluate"] = stages.run("evaluate", stage_evaluate, args, root, results["task"], results["models"],
+                                     results["teacher"], results["student"], results["students"])
+    results["analysis"] = stages.run("analysis", stage_analysis, args, root, results["task"], results["models"],
+                                     results["teacher"], results["students"], results["dataset"])
+    summary = summarise(args, results)
+    (root / "results.json").write_text(json.dumps(summary, indent=2))
+    report = render_report(summary)
+    (root / "report.md").write_text(report)
+    print(report)
+    print(f"Report: {root / 'report.md'}; numbers: {root / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The synthetic grounding task and the end-to-end quickstart (`--smoke`: every stage at toy size)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import synthetic_grounding as task  # noqa: E402
+
+from data_lavit import read_visual_cot  # noqa: E402
+from evaluation_lavit import load_mmvp  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", task.QUESTION_TYPES)
+def test_boxes_contain_their_objects_one_per_cell(kind):
+    samples = task.generate_split(40, seed=3, kind=kind)
+    for sample in samples:
+        cells = [o.cell for o in sample["objects"]]
+        assert len(cells) == len(set(cells))  # one object per cell
+        for obj in sample["objects"]:
+            x1, y1, x2, y2 = obj.box
+            r, c = obj.cell
+            assert c * 28 <= x1 < x2 <= (c + 1) * 28 and r * 28 <= y1 < y2 <= (r + 1) * 28  # wholly inside its cell
+        target_color = np.array(task.COLORS[sample["objects"][0].color])
+        pixels = np.asarray(sample["image"]).astype(int)
+        painted = np.abs(pixels - target_color).sum(-1) < 30
+        ys, xs = painted.nonzero()
+        x1, y1, x2, y2 = sample["box"]
+        assert len(xs) > 0
+        assert xs.min() >= x1 and xs.max() < x2 and ys.min() >= y1 and ys.max() < y2  # the box holds the key object
+
+
+@pytest.mark.parametrize("kind", ["size", "shape", "count"])
+def test_answers_are_balanced(kind):
+    counts = Counter(s["answer"] for s in task.generate_split(80, seed=5, kind=kind))
+    assert counts == {"A": 20, "B": 20, "C": 20, "D": 20}
+
+
+def test_size_answers_match_the_drawn_objects():
+    for sample in task.generate_split(20, seed=9):
+        target = sample["objects"][0]
+        x1, y1, x2, y2 = target.box
+        assert x2 - x1 == task.SIZES[target.size]
+        assert sample["options"][ord(sample["answer"]) - ord("A")] == target.size
+
+
+def test_splits_are_disjoint_and_read_by_the_real_loaders(tmp_path):
+    paths = task.write_task(str(tmp_path), train=24, val=8, test=12, seed=1)
+    train, skipped = read_visual_cot(paths["train"])
+    assert len(train) == 24 and skipped == []
+    assert all(s.bbox is not None and s.question.endswith("directly.") for s in train)
+    records = {split: json.loads(Path(paths[split]).read_text()) for split in ("train", "val", "test")}
+    # no scene in two splits: compare what was drawn, not the file names
+    from PIL import Image
+
+    drawn = {split: {Image.open(Path(paths["images"]) / r["image"][0]).tobytes() for r in rs}
+             for split, rs in records.items()}
+    assert len(drawn["train"]) == 24
+    assert not (drawn["train"] & drawn["val"]) and not (drawn["train"] & drawn["test"])
+    assert not (drawn["val"] & drawn["test"])
+    test = load_mmvp(paths["test_mmvp"])
+    assert len(test) == 12 and all(t.options == ["tiny", "small", "medium", "large"] for t in test)
+    test_records = records["test"]
+    assert [t.answer for t in test] == [r["conversations"][3]["value"] for r in test_records]
+    # The harness prompt is the training prompt: the same text reaches the model in every stage.
+    from evaluation_lavit import build_prompt
+
+    viscot_test, _ = read_visual_cot(paths["test"])
+    assert [build_prompt(t) for t in test] == [s.question for s in viscot_test]
+
+
+def test_size_question_draws_squares_and_shapes_are_validated():
+    assert {o.shape for s in task.generate_split(20, seed=4) for o in s["objects"]} == {"square"}
+    mixed = task.generate_split(40, seed=4, shapes=task.SHAPES)
+    assert len({o.shape for s in mixed for o in s["objects"]}) > 1
+    with pytest.raises(ValueError, match="Unknown shapes"):
+        task.generate_split(4, seed=0, shapes=("hexagon",))
+    with pytest.raises(ValueError, match="needs every shape"):
+        task.generate_split(4, seed=0, kind="count", shapes=("square",))
+    with pytest.raises(ValueError, match="multiple of 28"):
+        task.generate_split(4, seed=0, image_size=100)
+
+
+def test_scene_exclusion_keeps_splits_apart():
+    first = task.generate_split(30, seed=0)
+    keys = {s["key"] for s in first}
+    second = task.generate_split(30, seed=0, exclude=keys)  # the same seed would repeat every scene
+    assert not keys & {s["key"] for s in second}
+
+
+def row_cell(report: str, name: str, column: int = 2) -> str:
+    return next(line for line in report.splitlines() if line.startswith(f"| {name} |")).split("|")[column].strip()
+
+
+def test_quickstart_smoke_writes_everything_and_resumes(tmp_path):
+    out = tmp_path / "quickstart"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "MPLBACKEND": "Agg"}
+    command = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--output-dir", str(out), "--smoke"]
+    start = time.time()
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    elapsed = time.time() - start
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert elapsed < 240, f"the smoke run took {elapsed:.0f} s"
+    results = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    for figure in results["figures"]:
+        assert (out / figure).stat().st_size > 1000
+    for stage in ("task", "models", "teacher", "student", "dataset", "students", "evaluate", "analysis"):
+        assert (out / "stages" / f"{stage}.json").exists()
+    assert (out / "lavit15k" / "README.md").exists() and (out / "models" / "teacher" / "config.json").exists()
+    # the report's numbers are results.json's
+    methods = results["methods"]
+    def shown(stat, digits):
+        return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["n"] > 1 else "")
+
+    for name in ("teacher", "base (untrained)", "naive_sft", "lavit"):
+        assert row_cell(report, name, 2) == shown(methods[name]["accuracy"], 1)
+        assert row_cell(report, name, 3) == shown(methods[name]["s_focus"], 3)
+        assert row_cell(report, name, 4) == shown(methods[name]["entropy"], 3)
+    assert row_cell(report, "lavit (latent tokens)", 3) == shown(methods["lavit (latent tokens)"]["s_focus"], 3)
+    for mode in ("none", "masked", "zeroed", "shuffled"):
+        row = next(line for line in report.splitlines() if line.startswith(f"| {mode} |"))
+        stat = methods[f"lavit [{mode}]"]["accuracy"]
+        assert row.split("|")[2].strip() == f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+    assert "Smoke run" in report and "## Verdict" in report
+    # benchmarks/record_quickstart.py lays the same numbers out for RESULTS.md (and refuses a smoke run)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import record_quickstart
+
+    with pytest.raises(SystemExit, match="smoke"):
+        record_quickstart.body_of(results)
+    body = record_quickstart.body_of({**results, "smoke": False})
+    for stage, seconds in results["stage_seconds"].items():
+        assert f"| {stage} | {seconds:.1f} |" in body
+    lavit_row = next(line for line in body.splitlines() if line.startswith("| lavit |"))
+    assert lavit_row.split("|")[2].strip() == row_cell(report, "lavit")
+    stamps = {p: p.stat().st_mtime for p in (out / "students").rglob("model.safetensors")}
+    assert len(stamps) == 4  # 2 seeds x (Naive SFT, LaViT)
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert len(re.findall(r"done before, resumed", second.stderr)) == 8
+    assert stamps == {p: p.stat().st_mtime for p in (out / "students").rglob("model.safetensors")}
+    assert json.loads((out / "results.json").read_text())["methods"] == methods
+    # other settings in the same folder are refused, not silently mixed with the finished stages
+    third = subprocess.run(command + ["--seed", "1"], env=env, capture_output=True, text=True, timeout=600,
+                           cwd=tmp_path)
+    assert third.returncode != 0 and "seed: 0 then, 1 now" in third.stderr
