@@ -22,7 +22,6 @@ the official method, the gap growing with L; at least 100x fewer bytes per sampl
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -34,7 +33,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_times, report, steady_peak  # noqa: E402
+from common import benchmark_parser, interleaved_times, report, steady_peak  # noqa: E402
 
 from data_lavit import write_parquet_atomic  # noqa: E402
 from modeling_lavit import enable_lavit_attention  # noqa: E402
@@ -48,14 +47,10 @@ LENGTHS = {500: (560, 560, 60), 1000: (784, 700, 120), 2000: (1120, 980, 250)}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
+    parser = benchmark_parser(__doc__.split("\n\n")[0], heads=False, workdir=False)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--lengths", type=int, nargs="+", default=sorted(LENGTHS))
-    parser.add_argument("--write-results", action="store_true")
+    parser.add_argument("--lengths", type=int, nargs="+", default=sorted(LENGTHS), choices=sorted(LENGTHS),
+                        help="approximate sequence lengths (each one an image size and question length)")
     return parser.parse_args(argv)
 
 

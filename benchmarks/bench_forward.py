@@ -13,7 +13,6 @@ Goal: LaViT / stock <= 1.10 in time and in peak memory.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_times, report, steady_peak  # noqa: E402
+from common import benchmark_parser, interleaved_times, report, steady_peak  # noqa: E402
 
 from conversion_lavit import convert_qwen2_5_vl_to_lavit, export_to_qwen2_5_vl  # noqa: E402
 from modeling_lavit import LavitForConditionalGeneration  # noqa: E402
@@ -35,19 +34,11 @@ GOAL = 1.10
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
+    parser = benchmark_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--question-tokens", type=int, default=280, help="about this many question tokens")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--gate", type=float, default=0.5, help="the sensory gate gamma of the LaViT step")
-    parser.add_argument("--write-results", action="store_true")
-    parser.add_argument("--workdir", default=None, help="keep the random-weight checkpoints here (default: a temp dir)")
     return parser.parse_args(argv)
 
 

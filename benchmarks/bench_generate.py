@@ -10,7 +10,6 @@ Moderate config (text hidden 512, 8 layers); a batch of 4 prompts with 700 image
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_times, report  # noqa: E402
+from common import benchmark_parser, interleaved_times, report  # noqa: E402
 
 from bench_forward import prepare_checkpoints  # noqa: E402
 from modeling_lavit import LavitForConditionalGeneration  # noqa: E402
@@ -31,18 +30,10 @@ GOAL = 1.05
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
+    parser = benchmark_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--write-results", action="store_true")
     return parser.parse_args(argv)
 
 

@@ -13,7 +13,6 @@ Goal: LaViT / Naive SFT <= 1.15 in time and in peak memory.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
@@ -24,7 +23,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_times, report, steady_peak  # noqa: E402
+from common import benchmark_parser, interleaved_times, report, steady_peak  # noqa: E402
 
 from bench_forward import prepare_checkpoints  # noqa: E402
 from modeling_lavit import LavitForConditionalGeneration, concept_loss, trajectory_loss  # noqa: E402
@@ -35,18 +34,10 @@ GOAL = 1.15
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
+    parser = benchmark_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--question-words", type=int, default=120)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gate", type=float, default=0.5)
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--write-results", action="store_true")
     return parser.parse_args(argv)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import platform
@@ -14,6 +15,23 @@ import torch
 
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def benchmark_parser(description: str, heads: bool = True, workdir: bool = True) -> argparse.ArgumentParser:
+    """The flags every benchmark shares: device, dtype, the random-weight model's size, --write-results and (where
+    checkpoints are written) --workdir."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    if heads:
+        parser.add_argument("--heads", type=int, default=8)
+        parser.add_argument("--kv-heads", type=int, default=2)
+    if workdir:
+        parser.add_argument("--workdir", default=None, help="keep the random-weight checkpoints here (default: a temp dir)")
+    parser.add_argument("--write-results", action="store_true", help="store the figures in benchmarks/RESULTS.md")
+    return parser
 
 
 def machine() -> str:
