@@ -96,6 +96,10 @@ def set_default_system_prompt(chat_template: str, system_prompt: str) -> str:
     return chat_template
 
 
+def _drop_config_type_warning(record) -> bool:
+    return "to instantiate a model of type ``" not in record.getMessage()
+
+
 class LavitBaseProcessor(Qwen2_5_VLProcessor):
     r"""
     Qwen2.5-VL's processor for images and text only: no video processor, so no torchvision is needed. It serves
@@ -118,7 +122,14 @@ class LavitBaseProcessor(Qwen2_5_VLProcessor):
         """Loads a saved processor. The class is already at hand, so the tokenizer's look-up of the model config
         must not stop to ask whether to run a checkpoint's remote code (`trust_remote_code=False` unless given)."""
         kwargs.setdefault("trust_remote_code", False)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        # Without remote code the tokenizer's look-up reads the LaViT config as a bare PreTrainedConfig and warns
+        # that the types differ; only the tokenizer class is read from it, so that one message is dropped.
+        config_logger = logging.get_logger("transformers.configuration_utils")
+        config_logger.addFilter(_drop_config_type_warning)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        finally:
+            config_logger.removeFilter(_drop_config_type_warning)
 
 
 class LavitProcessor(LavitBaseProcessor):
