@@ -106,7 +106,8 @@ def row_cell(report: str, name: str, column: int = 2) -> str:
 def test_quickstart_smoke_writes_everything_and_resumes(tmp_path):
     out = tmp_path / "quickstart"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "MPLBACKEND": "Agg"}
-    command = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--output-dir", str(out), "--smoke"]
+    command = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--output-dir", str(out), "--smoke",
+               "--ablations"]
     start = time.time()
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     elapsed = time.time() - start
@@ -146,7 +147,9 @@ def test_quickstart_smoke_writes_everything_and_resumes(tmp_path):
     lavit_row = next(line for line in body.splitlines() if line.startswith("| lavit |"))
     assert lavit_row.split("|")[2].strip() == row_cell(report, "lavit")
     stamps = {p: p.stat().st_mtime for p in (out / "students").rglob("model.safetensors")}
-    assert len(stamps) == 4  # 2 seeds x (Naive SFT, LaViT)
+    assert len(stamps) == 8  # 2 seeds x (Naive SFT, LaViT) and the four Table 3 ablations
+    for name in ("no_trajectory", "no_semantic", "no_curriculum", "single_stage"):
+        assert row_cell(report, name) == shown(methods[f"ablation: {name}"]["accuracy"], 1)
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]
     assert len(re.findall(r"done before, resumed", second.stderr)) == 8
