@@ -158,12 +158,21 @@ def generate_split(n: int, seed: int, kind: str = "size", image_size: int = 112,
     samples = []
     order = [i % 4 for i in range(n)]
     rng.shuffle(order)
+    repeats = 0
     while len(samples) < n:
         objects = make_scene(rng, grid, n_objects, shapes, jitter)
         question, options, answer, target = ask(rng, objects, kind, order[len(samples)], shuffle_options, jitter)
         key = scene_key(objects)
         if key in seen:
+            repeats += 1
+            if repeats > 10_000:
+                raise ValueError(
+                    f"Drew {len(samples)} distinct scenes of the {n} asked for, then only repeats: these settings "
+                    f"({n_objects} objects, jitter {jitter}, image {image_size}) allow too few distinct scenes. Ask "
+                    "for fewer samples, or allow more variety (more objects, a larger --jitter or -1, more shapes)."
+                )
             continue
+        repeats = 0
         seen.add(key)
         image = Image.new("RGB", (image_size, image_size), BACKGROUND)
         draw = ImageDraw.Draw(image)

@@ -92,6 +92,13 @@ def test_size_question_draws_squares_and_shapes_are_validated():
         task.generate_split(4, seed=0, image_size=100)
 
 
+def test_too_few_distinct_scenes_is_an_error_not_a_hang():
+    # one object, centred (jitter 0): 16 cells x 8 colours per answer, so 600 scenes cannot be distinct
+    with pytest.raises(ValueError, match="too few distinct scenes"):
+        task.generate_split(600, seed=0, n_objects=1, jitter=0)
+    assert len(task.generate_split(100, seed=0, n_objects=1, jitter=0)) == 100
+
+
 def test_scene_exclusion_keeps_splits_apart():
     first = task.generate_split(30, seed=0)
     keys = {s["key"] for s in first}
