@@ -183,10 +183,10 @@ def tiny_qwen2_5_vl_config(
     )
 
 
-def build_tiny_qwen2_5_vl(seed: int = 0, **config_kwargs):
+def build_tiny_qwen2_5_vl(seed: int = 0, tokenizer: Qwen2Tokenizer | None = None, **config_kwargs):
     """Returns `(model, tokenizer, image_processor)`: a stock `Qwen2_5_VLForConditionalGeneration` with random
-    weights (seeded), its tokenizer and image processor."""
-    tokenizer = train_tiny_tokenizer()
+    weights (seeded), its tokenizer (`tokenizer`, or one trained on the tiny corpus) and image processor."""
+    tokenizer = tokenizer if tokenizer is not None else train_tiny_tokenizer()
     config = tiny_qwen2_5_vl_config(tokenizer, **config_kwargs)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
@@ -195,10 +195,11 @@ def build_tiny_qwen2_5_vl(seed: int = 0, **config_kwargs):
     return model.eval(), tokenizer, tiny_image_processor()
 
 
-def save_tiny_qwen2_5_vl(output_dir: str | os.PathLike, seed: int = 0, **config_kwargs) -> str:
+def save_tiny_qwen2_5_vl(output_dir: str | os.PathLike, seed: int = 0, tokenizer: Qwen2Tokenizer | None = None,
+                         **config_kwargs) -> str:
     """Writes a tiny stock Qwen2.5-VL checkpoint in the layout of a real hub repository (model weights and
     config, tokenizer files with the chat template, `preprocessor_config.json`) and returns its path."""
-    model, tokenizer, image_processor = build_tiny_qwen2_5_vl(seed=seed, **config_kwargs)
+    model, tokenizer, image_processor = build_tiny_qwen2_5_vl(seed=seed, tokenizer=tokenizer, **config_kwargs)
     output_dir = os.fspath(output_dir)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)

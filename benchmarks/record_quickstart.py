@@ -43,15 +43,10 @@ def body_of(results: dict) -> str:
     t = results["teacher"]
     lines += [f"Teacher: {t['val_accuracy']:.1f}% on validation after {t['steps']} steps (target {t['target']:.0f}%); "
               f"kept {results['dataset']['kept']} of {results['dataset']['processed']} distillation samples.", ""]
-    lines += ["| model | test accuracy (%) | S_focus | entropy | salient regions |", "|---|---|---|---|---|"]
     m = results["methods"]
-    for name in ("teacher", "base (untrained)", "naive_sft", "lavit", "lavit (latent tokens)"):
-        row = m[name]
-        lines.append(f"| {name} | {quickstart.fmt(row['accuracy'])} | {quickstart.fmt(row['s_focus'], digits=3)} | "
-                     f"{quickstart.fmt(row['entropy'], digits=3)} | "
-                     f"{quickstart.fmt(row['salient_regions'], digits=2)} |")
+    lines += quickstart.results_table(m)
     for mode in ("none", "masked", "zeroed", "shuffled"):
-        lines.append(f"| lavit, latents {mode} | {quickstart.fmt(m[f'lavit [{mode}]']['accuracy'])} | | | |")
+        lines.append(f"| lavit, latents {mode} | {quickstart.fmt(m[f'lavit [{mode}]']['accuracy'])} | | | | |")
     lines += ["", *quickstart.verdict(results)]
     return "\n".join(lines)
 

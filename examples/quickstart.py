@@ -29,6 +29,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import synthetic_grounding as task  # noqa: E402
 
+from data_lavit import write_json_atomic  # noqa: E402
+
 log = logging.getLogger("quickstart")
 
 
@@ -91,24 +93,18 @@ class Stages:
 
     def __init__(self, root: Path):
         self.root = root
-        (root / "stages").mkdir(parents=True, exist_ok=True)
-        self.timings: dict[str, float] = {}
 
     def run(self, name: str, function, *args, **kwargs) -> dict:
         marker = self.root / "stages" / f"{name}.json"
         if marker.exists():
             result = json.loads(marker.read_text())
             log.info("[%s] done before, resumed (%.1f s then)", name, result.get("_seconds", 0.0))
-            self.timings[name] = 0.0
             return result
         log.info("[%s] ...", name)
         start = time.time()
         result = function(*args, **kwargs)
         result["_seconds"] = time.time() - start
-        self.timings[name] = result["_seconds"]
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, marker)
+        write_json_atomic(result, marker)
         log.info("[%s] %.1f s", name, result["_seconds"])
         return result
 
@@ -127,8 +123,7 @@ def check_settings(root: Path, args) -> None:
                 "Use another --output-dir, or delete this one to start over."
             )
         return
-    root.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2))
+    write_json_atomic(settings, path)
 
 
 def stage_task(args, root: Path) -> dict:
@@ -150,12 +145,9 @@ def stage_task(args, root: Path) -> dict:
 
 def stage_models(args, root: Path, paths: dict) -> dict:
     """A tokenizer trained here on the task's text, then a tiny teacher and a tiny student base (stock Qwen2.5-VL)."""
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from data_lavit import read_visual_cot
     from processing_lavit import LAVIT_SYSTEM_PROMPT
-    from testing_lavit import tiny_corpus, tiny_image_processor, tiny_qwen2_5_vl_config, train_tiny_tokenizer
+    from testing_lavit import build_tiny_qwen2_5_vl, tiny_corpus, train_tiny_tokenizer
 
     samples, _ = read_visual_cot(paths["teacher_pool"])
     corpus = [LAVIT_SYSTEM_PROMPT] * 20 + [s.question for s in samples[:2000]] + tiny_corpus(300, seed=args.seed)
@@ -163,17 +155,13 @@ def stage_models(args, root: Path, paths: dict) -> dict:
     out = {}
     for name, hidden, layers, seed in (("teacher_base", args.teacher_text_hidden, args.teacher_text_layers, 1),
                                        ("student_base", args.text_hidden, args.text_layers, 2)):
-        config = tiny_qwen2_5_vl_config(tokenizer, text_hidden_size=hidden, num_hidden_layers=layers,
-                                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * hidden,
-                                        vision_hidden_size=args.vision_hidden, vision_depth=2, vision_heads=4)
-        torch.manual_seed(args.seed * 100 + seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-        model.generation_config.eos_token_id = config.text_config.eos_token_id
-        model.generation_config.pad_token_id = config.text_config.pad_token_id
+        model, _, image_processor = build_tiny_qwen2_5_vl(
+            seed=args.seed * 100 + seed, tokenizer=tokenizer, text_hidden_size=hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * hidden,
+            vision_hidden_size=args.vision_hidden, vision_depth=2, vision_heads=4)
         path = root / "models" / name
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        tiny_image_processor().save_pretrained(path)
+        for part in (model, tokenizer, image_processor):
+            part.save_pretrained(path)
         out[name] = str(path)
         out[f"{name}_parameters"] = sum(p.numel() for p in model.parameters())
     return out
@@ -453,32 +441,24 @@ def summarise(args, stages: dict) -> dict:
     evaluation = stages["evaluate"]["results"]
     analysis = stages["analysis"]["per_model"]
     seeds = range(args.seeds)
+
+    def row(runs: list[str], accuracy: list[float]) -> dict:
+        """Mean and spread over `runs` of the accuracy given and of the attention statistics of the analysis."""
+        return {"accuracy": mean_std(accuracy),
+                "s_focus": mean_std([analysis[r]["s_focus"] for r in runs]),
+                "entropy": mean_std([analysis[r]["entropy"]["mean"] for r in runs]),
+                "salient_regions": mean_std([analysis[r]["salient_regions"]["mean"] for r in runs]),
+                "salient_regions_cv": mean_std([analysis[r]["salient_regions"]["cv"] for r in runs])}
+
     methods = {}
     for method, mode in (("naive_sft", "none"), ("lavit", "forced")):
         runs = [f"{method}-seed{s}" for s in seeds]
-        methods[method] = {
-            "accuracy": mean_std([evaluation[r][mode]["accuracy"] for r in runs]),
-            "s_focus": mean_std([analysis[r]["s_focus"] for r in runs]),
-            "entropy": mean_std([analysis[r]["entropy"]["mean"] for r in runs]),
-            "salient_regions": mean_std([analysis[r]["salient_regions"]["mean"] for r in runs]),
-            "salient_regions_cv": mean_std([analysis[r]["salient_regions"]["cv"] for r in runs]),
-        }
-    latents = [f"lavit-seed{s} (latents)" for s in seeds]
-    methods["lavit (latent tokens)"] = {
-        "accuracy": mean_std([]),
-        "s_focus": mean_std([analysis[r]["s_focus"] for r in latents]),
-        "entropy": mean_std([analysis[r]["entropy"]["mean"] for r in latents]),
-        "salient_regions": mean_std([analysis[r]["salient_regions"]["mean"] for r in latents]),
-        "salient_regions_cv": mean_std([analysis[r]["salient_regions"]["cv"] for r in latents]),
-    }
+        methods[method] = row(runs, [evaluation[r][mode]["accuracy"] for r in runs])
+    methods["lavit (latent tokens)"] = row([f"lavit-seed{s} (latents)" for s in seeds], [])
     for mode in ("none", "masked", "zeroed", "shuffled"):
         methods[f"lavit [{mode}]"] = {"accuracy": mean_std([evaluation[f"lavit-seed{s}"][mode]["accuracy"] for s in seeds])}
     for name in ("teacher", "base (untrained)"):
-        methods[name] = {"accuracy": mean_std([evaluation[name]["none"]["accuracy"]]),
-                         "s_focus": mean_std([analysis[name]["s_focus"]]),
-                         "entropy": mean_std([analysis[name]["entropy"]["mean"]]),
-                         "salient_regions": mean_std([analysis[name]["salient_regions"]["mean"]]),
-                         "salient_regions_cv": mean_std([analysis[name]["salient_regions"]["cv"]])}
+        methods[name] = row([name], [evaluation[name]["none"]["accuracy"]])
     for name in ABLATIONS:
         if f"{name}-seed0" in evaluation:
             methods[f"ablation: {name}"] = {"accuracy": mean_std([evaluation[f"{name}-seed0"]["forced"]["accuracy"]])}
@@ -547,6 +527,17 @@ def verdict(results: dict) -> list[str]:
     return lines
 
 
+def results_table(methods: dict) -> list[str]:
+    """The main table of the report (and of RESULTS.md): accuracy and attention statistics per model."""
+    lines = ["| model | accuracy (%) | S_focus | entropy | salient regions | salient CV |", "|---|---|---|---|---|---|"]
+    for name in ("teacher", "base (untrained)", "naive_sft", "lavit", "lavit (latent tokens)"):
+        row = methods[name]
+        lines.append(f"| {name} | {fmt(row['accuracy'])} | {fmt(row['s_focus'], digits=3)} | "
+                     f"{fmt(row['entropy'], digits=3)} | {fmt(row['salient_regions'], digits=2)} | "
+                     f"{fmt(row['salient_regions_cv'], digits=3)} |")
+    return lines
+
+
 def size_note(parameters: dict) -> str:
     ratio = parameters["teacher"] / parameters["student"]
     if ratio < 1.5:
@@ -579,19 +570,13 @@ def render_report(results: dict) -> str:
         f"(rejected as {', '.join(f'{k}: {v}' for k, v in sorted(d['rejected'].items())) or 'nothing'}; inputs "
         f"skipped: {d['skipped']}). Both students train on the kept samples only.", "",
         "## Results on the test split", "",
-        "| model | accuracy (%) | S_focus | entropy | salient regions | salient CV |",
-        "|---|---|---|---|---|---|",
+        *results_table(m),
     ]
-    for name in ("teacher", "base (untrained)", "naive_sft", "lavit", "lavit (latent tokens)"):
-        row = m[name]
-        lines.append(f"| {name} | {fmt(row['accuracy'])} | {fmt(row['s_focus'], digits=3)} | "
-                     f"{fmt(row['entropy'], digits=3)} | {fmt(row['salient_regions'], digits=2)} | "
-                     f"{fmt(row['salient_regions_cv'], digits=3)} |")
     lines += ["", "Accuracy: greedy answers read by the harness's option extractor. S_focus: the share of the image "
               "attention (averaged over heads, layers and text rows) that falls in the key object's cell, read from "
               f"the same text rows as the teacher's gaze ({results['dataset']['query_rows'].replace('_', ' ')}, "
-              "each model's own greedy answer), or for the last row from the latent tokens. Entropy, salient regions and their coefficient "
-              "of variation as in Table 2 of the paper. Mean ± standard deviation over seeds.", "",
+              "each model's own greedy answer), or for the last row from the latent tokens. Entropy, salient "
+              "regions and their coefficient of variation as in Table 2 of the paper. Mean ± standard deviation over seeds.", "",
               "LaViT at inference with its latent tokens changed (accuracy %, mean ± std over seeds):", "",
               "| mode | accuracy (%) |", "|---|---|"]
     lines.append(f"| forced (default) | {fmt(m['lavit']['accuracy'])} |")
