@@ -129,7 +129,8 @@ def _messages(question: str, with_image: bool) -> list[dict[str, Any]]:
     return [{"role": "user", "content": content}]
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
+    """The device of the model's input embeddings: where its inputs go, also under a device map."""
     return model.get_input_embeddings().weight.device
 
 
@@ -152,7 +153,7 @@ def generate_answers(
     ]
     processor.tokenizer.padding_side = "left"
     inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
-    inputs = {k: v.to(_model_device(model)) for k, v in inputs.items()}
+    inputs = {k: v.to(model_device(model)) for k, v in inputs.items()}
     generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True)
     new = generated[:, inputs["input_ids"].shape[1] :].tolist()
     eos = model.generation_config.eos_token_id
@@ -295,7 +296,7 @@ def forced_attention_pass(
     row_index, row_mask = padded_positions(rows)
     capture = image_attention_capture(ids, model.config.image_token_id, row_index, row_mask,
                                       reduce_queries=reduce_queries)
-    device = _model_device(model)
+    device = model_device(model)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     # The base model only: what is read here is attention and last hidden states, not the vocabulary logits.
     out = model.model(**inputs, use_cache=False, lavit_control=LavitAttentionControl(capture=capture))

@@ -32,6 +32,7 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 from data_lavit import resize_gaze
 from modeling_lavit import LavitForConditionalGeneration, concept_loss, trajectory_loss
 from processing_lavit import LavitProcessor
+from teacher_lavit import gaze_topk_weights
 
 
 logger = logging.getLogger(__name__)
@@ -132,13 +133,9 @@ def sparsify_gaze(gaze: torch.Tensor, top_k: int = 8, eps: float = 1e-8) -> torc
     Args:
         gaze: any shape. Returns: same shape, non-negative, summing to 1, at most `top_k` non-zeros.
     """
-    flat = torch.as_tensor(gaze, dtype=torch.float32).reshape(-1)
-    normalised = (flat - flat.min()) / (flat.max() - flat.min() + eps)
-    k = min(top_k, flat.numel())
-    top = normalised.topk(k)
-    values = top.values if float(top.values.sum()) > 0 else torch.ones_like(top.values)
-    out = torch.zeros_like(flat).scatter(0, top.indices, values)
-    return (out / out.sum()).reshape(torch.as_tensor(gaze).shape)
+    flat = torch.as_tensor(gaze, dtype=torch.float32).reshape(1, -1)
+    weights = gaze_topk_weights(flat, torch.ones_like(flat, dtype=torch.bool), top_k, eps)  # equation 3's pooling
+    return weights.reshape(torch.as_tensor(gaze).shape)
 
 
 def trajectory_target(gaze, teacher_grid, student_grid, top_k: int = 8) -> torch.Tensor:
@@ -413,7 +410,7 @@ class LavitSFTTrainer(SFTTrainer):
         for name, eval_set in _named(kwargs.get("eval_dataset")):
             self._check_columns(eval_set, args, name)
         if args.freeze_vision_tower:
-            _visual(model).requires_grad_(False)
+            lavit.model.visual.requires_grad_(False)
         if data_collator is None:
             data_collator = LavitDataCollator(
                 processing_class,
@@ -475,7 +472,7 @@ class LavitSFTTrainer(SFTTrainer):
             use_cache=False,
             return_logits=False,
             num_items_in_batch=num_items_in_batch,
-            output_latent_states=True if args.distill else False,
+            output_latent_states=args.distill,
             output_latent_attention=want_trajectory,
         )
         ntp = outputs.loss
@@ -514,10 +511,6 @@ def _named(eval_dataset):
         return list(eval_dataset.items())
     return [("eval", eval_dataset)]
 
-
-def _visual(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.visual
 
 
 # ----------------------------------------------------------------------------------------------------------------
