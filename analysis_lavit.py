@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_lavit import resize_gaze
+from data_lavit import box_to_token_mask, resize_gaze
 from teacher_lavit import forced_attention_pass, generate_answers, s_focus
 
 
@@ -170,10 +170,10 @@ def token_categories(tokenizer, token_ids: Sequence[int], nlp=None) -> list[str]
     starts with a space, or follows punctuation, starts a new word). Special tokens are functional."""
     special = set(getattr(tokenizer, "all_special_ids", []))
     words: list[list[int]] = []
-    for i, token in enumerate(token_ids):
-        piece = tokenizer.decode([token])
+    pieces = [tokenizer.decode([token]) for token in token_ids]
+    for i, (token, piece) in enumerate(zip(token_ids, pieces)):
         starts = not words or piece[:1].isspace() or not piece[:1].isalnum() or token in special or \
-            not tokenizer.decode([token_ids[i - 1]])[-1:].isalnum()
+            not pieces[i - 1][-1:].isalnum()
         if starts:
             words.append([i])
         else:
@@ -399,8 +399,6 @@ def plot_heatmaps(images, maps_by_model: dict[str, list], grids_by_model: dict[s
 
 def focus_of(maps, grids, images, boxes) -> list[float]:
     """S_focus of each map against its sample's box (None where a sample has no box)."""
-    from data_lavit import box_to_token_mask
-
     out = []
     for m, grid, image, box in zip(maps, grids, images, boxes):
         out.append(None if box is None else s_focus(m, box_to_token_mask(box, image.size, grid)))

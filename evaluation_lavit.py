@@ -30,6 +30,8 @@ from typing import Any, Callable
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from teacher_lavit import model_device
+
 
 logger = logging.getLogger(__name__)
 
@@ -404,8 +406,26 @@ class RunResult:
     resumed: int = 0
 
 
-def _model_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
+def generate_texts(model, processor, messages: list[list[dict]], images: list[list] | None, mode: str,
+                   max_new_tokens: int) -> list[str]:
+    """Greedy answers to a batch of chat `messages` (left-padded) with their `images`, a LaViT model run in latent
+    `mode` (a stock model: mode "none"). "shuffled" needs two samples to swap; a batch of one keeps its own."""
+    from modeling_lavit import find_latent_tokens
+
+    lavit = getattr(model.config, "model_type", None) == "lavit"
+    kwargs = {"add_latent_tokens": mode != "none"} if lavit else {}
+    prompts = [processor.apply_chat_template(m, add_generation_prompt=True, **kwargs) for m in messages]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    inputs = {k: v.to(model_device(model)) for k, v in inputs.items()}
+    extra = {}
+    if mode in ("masked", "zeroed") or (mode == "shuffled" and len(prompts) > 1):
+        extra["latent_intervention"] = mode
+    if mode == "masked":
+        extra["latent_positions"] = find_latent_tokens(inputs["input_ids"], model.config.latent_token_ids)[0]
+    with torch.inference_mode():
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
+    return processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def evaluate(
@@ -428,8 +448,6 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from modeling_lavit import find_latent_tokens
-
     if mode not in LATENT_MODES:
         raise ValueError(f"mode must be one of {LATENT_MODES}, got {mode!r}.")
     benchmarks = {s.benchmark.split("/")[0] for s in samples}
@@ -451,8 +469,6 @@ def evaluate(
         path.write_text(json.dumps(config.header()) + "\n", encoding="utf-8")
     result = RunResult(records=[done[s.id] for s in samples if s.id in done], resumed=len(done))
     todo = [s for s in samples if s.id not in done]
-    use_latents = mode != "none"
-    device = _model_device(model)
     bar = tqdm(total=len(todo), unit="q", disable=not progress, desc=f"{config.benchmark} [{mode}]")
     for start in range(0, len(todo), batch_size):
         batch = []
@@ -469,19 +485,7 @@ def evaluate(
                                               {"type": "text", "text": build_prompt(s, template, instruction)}]}]
                 for s, images in batch
             ]
-            kwargs = {"add_latent_tokens": use_latents} if lavit else {}
-            prompts = [processor.apply_chat_template(m, add_generation_prompt=True, **kwargs) for m in messages]
-            processor.tokenizer.padding_side = "left"
-            inputs = processor(text=prompts, images=[images for _, images in batch], return_tensors="pt", padding=True)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            extra = {}
-            if mode in ("masked", "zeroed") or (mode == "shuffled" and len(batch) > 1):
-                extra["latent_intervention"] = mode
-            if mode == "masked":
-                extra["latent_positions"] = find_latent_tokens(inputs["input_ids"], model.config.latent_token_ids)[0]
-            with torch.inference_mode():
-                generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
-            texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            texts = generate_texts(model, processor, messages, [images for _, images in batch], mode, max_new_tokens)
             new = []
             for (sample, _), text in zip(batch, texts):
                 prediction = extract_option(text, sample.options)

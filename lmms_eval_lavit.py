@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from evaluation_lavit import LATENT_MODES
+from evaluation_lavit import LATENT_MODES, generate_texts
 
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,6 @@ class LavitLmms(LmmsBase):
         super().__init__()
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from modeling_lavit import find_latent_tokens
-
         if latent_mode not in LATENT_MODES:
             raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}.")
         if kwargs:
@@ -76,7 +74,6 @@ class LavitLmms(LmmsBase):
         self.latent_mode = latent_mode
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
-        self._find_latent_tokens = find_latent_tokens
 
     def generate_until(self, requests) -> list[str]:
         """Greedy answers to lmms-eval generation requests, in request order."""
@@ -96,22 +93,9 @@ class LavitLmms(LmmsBase):
         for context, images in zip(contexts, visuals):
             content = [{"type": "image"} for _ in images] + [{"type": "text", "text": context.replace("<image>", "").strip()}]
             messages.append([{"role": "user", "content": content}])
-        prompts = [
-            self.processor.apply_chat_template(m, add_generation_prompt=True, add_latent_tokens=self.latent_mode != "none")
-            for m in messages
-        ]
-        self.processor.tokenizer.padding_side = "left"
         images = [[image.convert("RGB") for image in v] for v in visuals]
-        inputs = self.processor(text=prompts, images=images if any(images) else None, return_tensors="pt", padding=True)
-        inputs = {k: v.to(self.device_name) for k, v in inputs.items()}
-        extra = {}
-        if self.latent_mode in ("masked", "zeroed") or (self.latent_mode == "shuffled" and len(prompts) > 1):
-            extra["latent_intervention"] = self.latent_mode
-        if self.latent_mode == "masked":
-            extra["latent_positions"] = self._find_latent_tokens(inputs["input_ids"], self.model.config.latent_token_ids)[0]
-        with torch.inference_mode():
-            generated = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
-        texts = self.processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = generate_texts(self.model, self.processor, messages, images if any(images) else None,
+                               self.latent_mode, max_new_tokens)
         cut = []
         for text in texts:
             for stop in until:
