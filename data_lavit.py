@@ -223,6 +223,13 @@ def box_to_token_mask(
     return mask
 
 
+def merged_token_grids(image_grid_thw, merge_size: int = 2) -> list[tuple[int, int]]:
+    """Each image's grid of merged visual tokens, `(rows, cols)`, from the processor's `image_grid_thw` (patch counts
+    `(t, h, w)` per image) and the vision tower's spatial merge size (`image_processor.merge_size`)."""
+    rows = image_grid_thw.tolist() if hasattr(image_grid_thw, "tolist") else image_grid_thw
+    return [(int(h) // merge_size, int(w) // merge_size) for _, h, w in rows]
+
+
 def resize_gaze(gaze: torch.Tensor, source_grid: tuple[int, int], target_grid: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of a gaze map from the teacher's token grid to the student's (`align_corners=False`, the
     convention of `torch.nn.functional.interpolate`).
@@ -581,6 +588,7 @@ __all__ = [
     "read_visual_cot",
     "clip_box",
     "box_to_token_mask",
+    "merged_token_grids",
     "resize_gaze",
     "COLUMNS",
     "features",

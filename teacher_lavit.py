@@ -38,6 +38,7 @@ from data_lavit import (
     box_to_token_mask,
     clip_box,
     dataset_statistics,
+    merged_token_grids,
     read_visual_cot,
     render_dataset_card,
     write_json_atomic,
@@ -300,7 +301,7 @@ def forced_attention_pass(
     inputs = {k: v.to(device) for k, v in inputs.items()}
     # The base model only: what is read here is attention and last hidden states, not the vocabulary logits.
     out = model.model(**inputs, use_cache=False, lavit_control=LavitAttentionControl(capture=capture))
-    grids = [(int(t[1]) // 2, int(t[2]) // 2) for t in inputs["image_grid_thw"].tolist()]
+    grids = merged_token_grids(inputs["image_grid_thw"], processor.image_processor.merge_size)
     return ForcedPass(capture=capture, hidden=out.last_hidden_state, inputs=inputs, rows=rows, grids=grids)
 
 

@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from data_lavit import resize_gaze
+from data_lavit import merged_token_grids, resize_gaze
 from modeling_lavit import LavitForConditionalGeneration, concept_loss, trajectory_loss
 from processing_lavit import LavitProcessor
 from teacher_lavit import gaze_topk_weights
@@ -334,7 +334,7 @@ class LavitDataCollator:
         batch = self.vision_collator(examples)
         if not self.distill:
             return batch
-        grids = [(int(t[1]) // 2, int(t[2]) // 2) for t in batch["image_grid_thw"].tolist()]
+        grids = merged_token_grids(batch["image_grid_thw"], self.processor.image_processor.merge_size)
         width = max(r * c for r, c in grids)
         trajectory = torch.zeros(len(rows), width)
         semantics = []
