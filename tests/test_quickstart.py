@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -92,6 +93,20 @@ def test_size_question_draws_squares_and_shapes_are_validated():
         task.generate_split(4, seed=0, image_size=100)
 
 
+def test_same_size_scenes_need_no_look_up():
+    samples = task.generate_split(40, seed=7, same_size=True)
+    for sample in samples:
+        sizes = {o.size for o in sample["objects"]}
+        assert len(sizes) == 1  # any object shows the answer
+        assert sample["options"][ord(sample["answer"]) - ord("A")] == sizes.pop()
+        for obj in sample["objects"]:
+            x1, y1, x2, y2 = obj.box
+            assert x2 - x1 == task.SIZES[obj.size]
+    assert Counter(s["answer"] for s in samples) == {"A": 10, "B": 10, "C": 10, "D": 10}
+    with pytest.raises(ValueError, match="size question only"):
+        task.generate_split(4, seed=7, kind="shape", same_size=True)
+
+
 def test_too_few_distinct_scenes_is_an_error_not_a_hang():
     # one object, centred (jitter 0): 16 cells x 8 colours per answer, so 600 scenes cannot be distinct
     with pytest.raises(ValueError, match="too few distinct scenes"):
@@ -132,7 +147,7 @@ def test_quickstart_smoke_writes_everything_and_resumes(tmp_path):
     def shown(stat, digits):
         return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["n"] > 1 else "")
 
-    for name in ("teacher", "base (untrained)", "naive_sft", "lavit"):
+    for name in ("teacher", "student base", "naive_sft", "lavit"):
         assert row_cell(report, name, 2) == shown(methods[name]["accuracy"], 1)
         assert row_cell(report, name, 3) == shown(methods[name]["s_focus"], 3)
         assert row_cell(report, name, 4) == shown(methods[name]["entropy"], 3)
@@ -166,3 +181,87 @@ def test_quickstart_smoke_writes_everything_and_resumes(tmp_path):
     third = subprocess.run(command + ["--seed", "1"], env=env, capture_output=True, text=True, timeout=600,
                            cwd=tmp_path)
     assert third.returncode != 0 and "seed: 0 then, 1 now" in third.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The quickstart teacher's grounding loss (examples/teacher_grounding.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grounding_setup(tmp_path_factory):
+    """A tiny LaViT checkpoint whose tokenizer was trained on the task's questions, and rows of the size task."""
+    from conftest import stock_copy
+    from conversion_lavit import convert_qwen2_5_vl_to_lavit
+    from modeling_lavit import LavitForConditionalGeneration
+    from processing_lavit import LavitProcessor
+    from testing_lavit import save_tiny_qwen2_5_vl, tiny_corpus, train_tiny_tokenizer
+
+    samples = task.generate_split(6, seed=11)
+    corpus = [task.prompt_of(s) for s in task.generate_split(200, seed=12)] + tiny_corpus(200)
+    tokenizer = train_tiny_tokenizer(vocab_size=600, corpus=corpus)
+    base = save_tiny_qwen2_5_vl(tmp_path_factory.mktemp("grounding_base"), seed=4, tokenizer=tokenizer)
+    path = convert_qwen2_5_vl_to_lavit(base, tmp_path_factory.mktemp("grounding_lavit"), teacher_hidden_size=16)
+    rows = [{"image": s["image"], "question": task.prompt_of(s), "answer": s["answer"], "box": s["box"]}
+            for s in samples]
+    model = LavitForConditionalGeneration.from_pretrained(path).eval()
+    return model, LavitProcessor.from_pretrained(path), rows, samples, stock_copy
+
+
+def test_grounding_collator_points_at_the_colour_word_and_the_key_cell(grounding_setup):
+    from quickstart import GroundingCollator
+
+    _, processor, rows, samples, _ = grounding_setup
+    batch = GroundingCollator(processor)(rows)
+    tokenizer = processor.tokenizer
+    for b, sample in enumerate(samples):
+        word = tokenizer.decode([int(batch["input_ids"][b, batch["grounding_query"][b, 0]])]).strip()
+        assert word == sample["objects"][0].color
+        x1, y1, x2, y2 = sample["box"]  # the key object lies wholly inside one 28-pixel cell of the 4 x 4 grid
+        expected = torch.zeros(16)
+        expected[(y1 // 28) * 4 + x1 // 28] = 1.0
+        assert torch.equal(batch["grounding_target"][b], expected)
+
+
+def test_grounding_loss_reads_the_attention_eager_attention_computes(grounding_setup, tmp_path):
+    from quickstart import GroundedSFTTrainer, GroundingCollator
+    from trainer_lavit import LavitSFTConfig
+
+    model, processor, rows, _, stock_copy = grounding_setup
+    batch = GroundingCollator(processor)(rows)
+    config = LavitSFTConfig(str(tmp_path), use_cpu=True, distill=False, report_to="none", max_steps=1,
+                            activation_checkpointing=False)
+    from datasets import Dataset
+
+    columns = Dataset.from_list([{"image": None, "question": r["question"], "answer": r["answer"]} for r in rows])
+    trainer = GroundedSFTTrainer(model=model, args=config, processing_class=processor, grounding_weight=0.5,
+                                 train_dataset=columns)
+    inputs = {k: v for k, v in batch.items()}
+    target = inputs["grounding_target"].clone()
+    query = inputs["grounding_query"][:, 0].clone()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        without_target = {k: v for k, v in inputs.items() if k != "grounding_target"}
+        _, attention, _ = trainer.grounding_attention(model, without_target)
+        eager = stock_copy(model, "eager")
+        plain = {k: v for k, v in inputs.items() if not k.startswith("grounding_") and k != "labels"}
+        out = eager(**plain, output_attentions=True)
+        labels_out = eager(**plain, labels=inputs["labels"])
+    image = inputs["input_ids"] == model.config.image_token_id
+    expected = torch.stack([out.attentions[0][b, :, query[b]].mean(0)[image[b]] for b in range(len(rows))])
+    expected = expected / expected.sum(-1, keepdim=True)
+    assert torch.allclose(attention, expected, atol=1e-5)
+    kl = (target * (target.clamp_min(1e-30).log() - expected.log())).where(target > 0, torch.tensor(0.0)).sum(-1).mean()
+    assert torch.allclose(loss, labels_out.loss + 0.5 * kl, atol=1e-4)
+
+
+def test_grounding_loss_refuses_questions_it_cannot_ground(grounding_setup):
+    from quickstart import GroundingCollator
+
+    _, processor, rows, _, _ = grounding_setup
+    collator = GroundingCollator(processor)
+    with pytest.raises(ValueError, match="names no object.*teacher-grounding-weight 0"):
+        collator([dict(rows[0], question="How many squares are there?")])
+    with pytest.raises(ValueError, match="tokens for this tokenizer.*train the tokenizer"):
+        collator([dict(rows[0], question=rows[0]["question"].replace("the " + rows[0]["question"].split("the ")[2]
+                                                                           .split()[0], "the zyxwvutq"))])
