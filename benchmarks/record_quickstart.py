@@ -31,9 +31,10 @@ def body_of(results: dict) -> str:
         f"Default settings: teacher pool {settings['teacher_pool']}, distillation split {settings['distill_samples']}, "
         f"validation {settings['val']}, test {settings['test']}; teacher at most {settings['teacher_steps']} steps, "
         f"batch {settings['batch_size']}, grounding loss weight {settings.get('teacher_grounding_weight', 0):g}; "
-        f"student base pre-trained {settings.get('student_pretrain_steps', 0)} steps on "
-        f"{settings.get('student_pretrain_pool', 0)} same-size scenes; "
-        f"students {settings['student_steps']} steps x {settings['seeds']} seeds per "
+        + (f"student base pre-trained {settings['student_pretrain_steps']} steps on "
+           f"{settings['student_pretrain_pool']} same-size scenes; " if settings.get("student_pretrain_steps") else
+           "student base not pre-trained; ")
+        + f"students {settings['student_steps']} steps x {settings['seeds']} seeds per "
         f"method, batch {settings['student_batch_size']}; text {settings['text_hidden']} x {settings['text_layers']} layers, vision "
         f"{settings['vision_hidden']}. Teacher {results['parameters']['teacher']:,} parameters, students "
         f"{results['parameters']['student']:,}.",

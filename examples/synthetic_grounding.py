@@ -31,8 +31,9 @@ CELL = 28
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
           "purple": (150, 60, 200), "orange": (245, 140, 30), "white": (245, 245, 245), "pink": (245, 120, 180)}
 SIZES = {"tiny": 10, "small": 14, "medium": 19, "large": 24}  # object extent in pixels, inside a 28-pixel cell
-# (with a 6-pixel "tiny" object, tried first, a teacher trained from scratch with the quickstart's grounding loss was
-# at chance on validation after 500 steps, where 10 pixels gave 75%: a tiny object's colour is faint in its patches)
+# (with a 6-pixel "tiny" object, tried first, a tiny model trained from scratch with the quickstart's grounding loss
+# was at chance on validation after 500 steps of a plain training loop with a short prompt, where these sizes gave
+# 75%: a tiny object's colour is faint in its patches)
 SHAPES = ("circle", "square", "triangle", "diamond")
 QUESTION_TYPES = ("size", "shape", "relation", "count")
 BACKGROUND = (40, 40, 40)

@@ -184,7 +184,7 @@ def test_quickstart_smoke_writes_everything_and_resumes(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The quickstart teacher's grounding loss (examples/teacher_grounding.py)
+# The quickstart teacher's grounding loss (GroundedSFTTrainer in examples/quickstart.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -253,6 +253,14 @@ def test_grounding_loss_reads_the_attention_eager_attention_computes(grounding_s
     assert torch.allclose(attention, expected, atol=1e-5)
     kl = (target * (target.clamp_min(1e-30).log() - expected.log())).where(target > 0, torch.tensor(0.0)).sum(-1).mean()
     assert torch.allclose(loss, labels_out.loss + 0.5 * kl, atol=1e-4)
+    assert trainer._metrics["train" if model.training else "eval"]["ntp_loss"][-1] == pytest.approx(
+        labels_out.loss.item(), abs=1e-4)
+    # the term trains the first layer's queries and keys through the captured attention
+    model.zero_grad()
+    _, attention, mask = trainer.grounding_attention(model, {k: v for k, v in inputs.items() if k != "grounding_target"})
+    (-(target * attention.clamp_min(1e-8).log()).sum(-1).mean()).backward()
+    attention_layer = model.model.language_model.layers[0].self_attn
+    assert attention_layer.q_proj.weight.grad.abs().sum() > 0 and attention_layer.k_proj.weight.grad.abs().sum() > 0
 
 
 def test_grounding_loss_refuses_questions_it_cannot_ground(grounding_setup):
