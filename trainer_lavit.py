@@ -241,6 +241,17 @@ class LavitSFTConfig(SFTConfig):
         super().__post_init__()
         self.validate_lavit()
 
+    def cuts_trajectory_gradients(self) -> bool:
+        """Whether L_traj is on while reentrant gradient checkpointing would cut its gradients (the side channel's
+        attention is recomputed outside the autograd graph). Checked here and again once the trainer (TRL may force
+        reentrant checkpointing for PEFT under DeepSpeed ZeRO-3) has settled the checkpointing arguments."""
+        return bool(
+            self.distill
+            and self.trajectory_loss_coef > 0
+            and self.gradient_checkpointing
+            and (self.gradient_checkpointing_kwargs or {}).get("use_reentrant")
+        )
+
     def validate_lavit(self) -> None:
         """Raises a `ValueError` naming the field and the fix."""
         for name in ("concept_loss_coef", "trajectory_loss_coef"):
@@ -265,10 +276,7 @@ class LavitSFTConfig(SFTConfig):
             raise ValueError(
                 "remove_unused_columns must be False: the LaViT collator reads the image, question and teacher columns."
             )
-        uses_side_channel = self.distill and self.trajectory_loss_coef > 0
-        if uses_side_channel and self.gradient_checkpointing and (self.gradient_checkpointing_kwargs or {}).get(
-            "use_reentrant"
-        ):
+        if self.cuts_trajectory_gradients():
             raise ValueError(
                 "Reentrant gradient checkpointing (use_reentrant=True) silently cuts the gradients of the latent "
                 "tokens' attention, so L_traj would not train the model. Use gradient_checkpointing_kwargs="
@@ -426,12 +434,7 @@ class LavitSFTTrainer(SFTTrainer):
             callbacks.append(SensoryGateCallback(args.gate_warmup_steps, args.gate_epsilon, args.gate_schedule))
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          data_collator=data_collator, callbacks=callbacks, **kwargs)
-        if (
-            args.distill
-            and args.trajectory_loss_coef > 0
-            and self.args.gradient_checkpointing
-            and (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
-        ):
+        if self.args.cuts_trajectory_gradients():
             raise ValueError(
                 "This configuration forces reentrant gradient checkpointing (TRL does so for PEFT with DeepSpeed "
                 "ZeRO-3), which cuts the gradients of L_traj. Use ZeRO-2, full fine-tuning under ZeRO-3, or "
