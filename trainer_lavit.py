@@ -463,6 +463,22 @@ class LavitSFTTrainer(SFTTrainer):
             value = self.accelerator.gather_for_metrics(value.detach().float().reshape(1)).mean().item()
         self._metrics[mode][name].append(float(value))
 
+    def next_token_loss(self, outputs, inputs, num_items_in_batch, mode: str) -> tuple[torch.Tensor, int]:
+        """`(L_ntp as the backward needs it, the accumulation steps that per-batch means added to it must be divided
+        by)`; logs `ntp_loss` as the mean over this batch's labelled tokens.
+
+        The Trainer skips its division by the accumulation steps when the loss is normalised by the token count of the
+        whole accumulated batch (`num_items_in_batch`); per-batch means must then be divided by the caller."""
+        ntp, steps, ntp_value = outputs.loss, 1, outputs.loss
+        if num_items_in_batch is not None:
+            steps = self.current_gradient_accumulation_steps
+            if self.args.average_tokens_across_devices:
+                ntp = ntp * self.accelerator.num_processes  # DDP averages gradients; the count spans every rank
+            counted = (inputs["labels"][:, 1:] != -100).sum().clamp_min(1)
+            ntp_value = outputs.loss * num_items_in_batch / counted  # comparable across settings
+        self._metric(mode, "ntp_loss", ntp_value)
+        return ntp, steps
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         semantics = inputs.pop("teacher_semantics", None)
@@ -478,14 +494,7 @@ class LavitSFTTrainer(SFTTrainer):
             output_latent_states=args.distill,
             output_latent_attention=want_trajectory,
         )
-        ntp = outputs.loss
-        # The Trainer skips its division by the accumulation steps when the loss is normalised by the token count of
-        # the whole accumulated batch; per-batch means must then be divided here.
-        scaled = num_items_in_batch is not None
-        steps = self.current_gradient_accumulation_steps if scaled else 1
-        if scaled and args.average_tokens_across_devices:
-            ntp = ntp * self.accelerator.num_processes  # DDP averages gradients; the count spans every rank
-        loss = ntp
+        loss, steps = self.next_token_loss(outputs, inputs, num_items_in_batch, mode)
         if want_concept:
             concept = concept_loss(outputs.concept_embeds, semantics.to(outputs.concept_embeds.device))
             loss = loss + args.concept_loss_coef * concept / steps
@@ -497,11 +506,6 @@ class LavitSFTTrainer(SFTTrainer):
             traj = trajectory_loss(trajectory.to(student.device), student, outputs.image_token_mask)
             loss = loss + args.trajectory_loss_coef * traj / steps
             self._metric(mode, "trajectory_loss", traj)
-        ntp_value = outputs.loss
-        if scaled:  # report the mean over this batch's labelled tokens, comparable across settings
-            counted = (inputs["labels"][:, 1:] != -100).sum().clamp_min(1)
-            ntp_value = outputs.loss * num_items_in_batch / counted
-        self._metric(mode, "ntp_loss", ntp_value)
         if args.distill:
             self._metric(mode, "sensory_gate", outputs.sensory_gate)
         return (loss, outputs) if return_outputs else loss
@@ -513,7 +517,6 @@ def _named(eval_dataset):
     if isinstance(eval_dataset, dict):
         return list(eval_dataset.items())
     return [("eval", eval_dataset)]
-
 
 
 # ----------------------------------------------------------------------------------------------------------------

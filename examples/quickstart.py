@@ -140,24 +140,14 @@ class GroundedSFTTrainer(LavitSFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        target = inputs.pop("grounding_target")
+        target = inputs.pop("grounding_target")  # (B, N): the collator pads as the capture does
         outputs, attention, mask = self.grounding_attention(model, inputs, num_items_in_batch)
-        grounding = trajectory_loss(target.to(attention.device)[:, : attention.shape[1]], attention[:, None, :], mask)
-        # the next-token loss is normalised by the accumulated batch's token count; the mean over this batch is not
-        ntp, steps = outputs.loss, 1
-        if num_items_in_batch is not None:
-            steps = self.current_gradient_accumulation_steps
-            if self.args.average_tokens_across_devices:  # as LavitSFTTrainer: DDP averages, the count spans ranks
-                ntp = ntp * self.accelerator.num_processes
-        loss = ntp + self.grounding_weight * grounding / steps
-        ntp_value = outputs.loss
-        if num_items_in_batch is not None:  # as LavitSFTTrainer: the mean over this batch's labelled tokens
-            counted = (inputs["labels"][:, 1:] != -100).sum().clamp_min(1)
-            ntp_value = outputs.loss * num_items_in_batch / counted
-        self._metric(mode, "ntp_loss", ntp_value)
+        target = target.to(attention.device)
+        grounding = trajectory_loss(target, attention[:, None, :], mask)
+        ntp, steps = self.next_token_loss(outputs, inputs, num_items_in_batch, mode)
+        loss = ntp + self.grounding_weight * grounding / steps  # the grounding term is a mean over this batch
         self._metric(mode, "grounding_loss", grounding)
-        self._metric(mode, "grounding_focus", (attention * (target.to(attention.device)[:, : attention.shape[1]] > 0))
-                     .sum(-1).mean())
+        self._metric(mode, "grounding_focus", (attention * (target > 0)).sum(-1).mean())
         return (loss, outputs) if return_outputs else loss
 
 
