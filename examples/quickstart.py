@@ -322,6 +322,21 @@ def accuracy(model, processor, samples, path: str, mode: str, batch_size: int = 
     return {"accuracy": scores[benchmark]["accuracy"], "unparseable": scores[benchmark]["unparseable"]}
 
 
+def cpu_config(output_dir, steps: int, batch_size: int, lr: float, seed: int, logging_steps: int, **overrides):
+    """The quickstart's `LavitSFTConfig`: CPU, cosine schedule with 5% warm-up, no weight decay, no checkpointing, the
+    vision tower trained, no saving or reporting; `overrides` set the rest (e.g. distill=False)."""
+    from trainer_lavit import LavitSFTConfig
+
+    settings = dict(
+        use_cpu=True, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
+        lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.0, activation_checkpointing=False,
+        freeze_vision_tower=False, logging_steps=max(1, logging_steps), save_strategy="no", report_to="none",
+        seed=seed, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return LavitSFTConfig(str(output_dir), **settings)
+
+
 def stage_teacher(args, root: Path, paths: dict, models: dict) -> dict:
     """Supervised fine-tuning of the teacher on the large pool (the trainer's Naive-SFT mode on a converted copy, with
     `GroundedSFTTrainer`'s grounding loss unless --teacher-grounding-weight is 0), evaluated on validation every few
@@ -332,7 +347,6 @@ def stage_teacher(args, root: Path, paths: dict, models: dict) -> dict:
     from evaluation_lavit import load_mmvp
     from modeling_lavit import LavitForConditionalGeneration
     from processing_lavit import LavitProcessor
-    from trainer_lavit import LavitSFTConfig
 
     work = root / "models" / "teacher_training"
     lavit_dir = convert_qwen2_5_vl_to_lavit(models["teacher_base"], work / "converted",
@@ -354,13 +368,8 @@ def stage_teacher(args, root: Path, paths: dict, models: dict) -> dict:
             if result["accuracy"] >= 100 * args.teacher_target:
                 control.should_training_stop = True
 
-    config = LavitSFTConfig(
-        str(work / "run"), use_cpu=True, distill=False, max_steps=args.teacher_steps,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.teacher_lr, lr_scheduler_type="cosine",
-        warmup_ratio=0.05, weight_decay=0.0, activation_checkpointing=False, freeze_vision_tower=False,
-        logging_steps=max(1, args.teacher_eval_every), save_strategy="no", report_to="none", seed=args.seed,
-        dataloader_num_workers=0, disable_tqdm=True,
-    )
+    config = cpu_config(work / "run", args.teacher_steps, args.batch_size, args.teacher_lr, args.seed,
+                        args.teacher_eval_every, distill=False)
     extra = {}
     if args.teacher_grounding_weight > 0:
         Trainer = GroundedSFTTrainer
@@ -389,7 +398,6 @@ def stage_student(args, root: Path, paths: dict, models: dict) -> dict:
     from evaluation_lavit import load_mmvp
     from modeling_lavit import LavitForConditionalGeneration
     from processing_lavit import LavitProcessor
-    from trainer_lavit import LavitSFTConfig
 
     converted = root / "models" / ("student_converted" if args.student_pretrain_steps > 0 else "student_lavit")
     path = convert_qwen2_5_vl_to_lavit(models["student_base"], converted,
@@ -398,13 +406,8 @@ def stage_student(args, root: Path, paths: dict, models: dict) -> dict:
         return {"student_lavit": path, "pretrain": None}
     model = LavitForConditionalGeneration.from_pretrained(path)
     processor = LavitProcessor.from_pretrained(path)
-    config = LavitSFTConfig(
-        str(root / "models" / "student_pretrain_run"), use_cpu=True, distill=False,
-        max_steps=args.student_pretrain_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.student_lr, lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.0,
-        activation_checkpointing=False, freeze_vision_tower=False, logging_steps=max(1, args.student_pretrain_steps),
-        save_strategy="no", report_to="none", seed=args.seed, dataloader_num_workers=0, disable_tqdm=True,
-    )
+    config = cpu_config(root / "models" / "student_pretrain_run", args.student_pretrain_steps, args.batch_size,
+                        args.student_lr, args.seed, args.student_pretrain_steps, distill=False)
     trainer = LavitSFTTrainer(model=model, args=config, processing_class=processor,
                               train_dataset=sft_dataset(paths["student_pretrain"], paths["images"]))
     trainer.train()
@@ -446,20 +449,14 @@ def train_student(args, root: Path, name: str, student_dir: str, dataset_dir: st
     from data_lavit import load_lavit_dataset
     from modeling_lavit import LavitForConditionalGeneration
     from processing_lavit import LavitProcessor
-    from trainer_lavit import LavitSFTConfig
 
     out = root / "students" / f"{name}-seed{seed}"
     model = LavitForConditionalGeneration.from_pretrained(student_dir)
     processor = LavitProcessor.from_pretrained(student_dir)
-    settings = dict(
-        use_cpu=True, max_steps=args.student_steps, per_device_train_batch_size=args.student_batch_size,
-        learning_rate=args.student_lr, lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.0,
-        gate_warmup_steps=max(1, int(0.4 * args.student_steps)), activation_checkpointing=False,
-        freeze_vision_tower=False, logging_steps=max(1, args.student_steps // 10), save_strategy="no",
-        report_to="none", seed=seed, data_seed=seed, dataloader_num_workers=0, disable_tqdm=True,
-    )
-    settings.update(overrides)
-    trainer = LavitSFTTrainer(model=model, args=LavitSFTConfig(str(out / "run"), **settings),
+    config = cpu_config(out / "run", args.student_steps, args.student_batch_size, args.student_lr, seed,
+                        args.student_steps // 10, data_seed=seed,
+                        **{"gate_warmup_steps": max(1, int(0.4 * args.student_steps)), **overrides})
+    trainer = LavitSFTTrainer(model=model, args=config,
                               train_dataset=load_lavit_dataset(dataset_dir, "kept"), processing_class=processor)
     trainer.train()
     trainer.save_model(str(out))
@@ -497,35 +494,31 @@ def stage_students(args, root: Path, student: dict, dataset: dict) -> dict:
 def load_student_base(models: dict, student: dict):
     """The students' starting point, `(model, processor)`: the pre-trained base when there is one (its processor adds
     no latent tokens, which it never saw), else the untrained stock base."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from modeling_lavit import LavitForConditionalGeneration
-    from processing_lavit import LavitBaseProcessor, LavitProcessor
+    from processing_lavit import LavitProcessor
+    from teacher_lavit import load_teacher
 
     if student.get("pretrain"):
         processor = LavitProcessor.from_pretrained(student["student_lavit"])
         processor.add_latent_tokens = False
         return LavitForConditionalGeneration.from_pretrained(student["student_lavit"]).eval(), processor
-    path = models["student_base"]
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval(), LavitBaseProcessor.from_pretrained(path)
+    return load_teacher(models["student_base"])  # the stock loader: a model and its image-only processor
 
 
 def stage_evaluate(args, root: Path, paths: dict, models: dict, teacher: dict, student: dict, students: dict) -> dict:
     """Test accuracy of every model with the harness: the teacher and the students' starting point ("student base",
     pre-trained or not) in mode none, the students in their modes (LaViT also with its latents masked, zeroed and
     shuffled)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from evaluation_lavit import load_mmvp
     from modeling_lavit import LavitForConditionalGeneration
-    from processing_lavit import LavitBaseProcessor, LavitProcessor
+    from processing_lavit import LavitProcessor
+    from teacher_lavit import load_teacher
 
     test = load_mmvp(paths["test_mmvp"])
     folder = root / "evaluation"
     folder.mkdir(exist_ok=True)
     results = {}
-    starts = {"teacher": (Qwen2_5_VLForConditionalGeneration.from_pretrained(teacher["teacher"]).eval(),
-                          LavitBaseProcessor.from_pretrained(teacher["teacher"])),
+    starts = {"teacher": load_teacher(teacher["teacher"]),
               "student base": load_student_base(models, student)}
     for name, (model, processor) in starts.items():
         results[name] = {"none": accuracy(model, processor, test, str(folder / f"{name.replace(' ', '_')}.jsonl"),
@@ -544,14 +537,13 @@ def stage_analysis(args, root: Path, paths: dict, models: dict, teacher: dict, s
                    dataset: dict) -> dict:
     """The attention analysis: each model's attention while answering the test questions (S_focus on the key object's
     cell, entropy, salient regions), Figures 2-5 and the perception gap of the seed-0 students."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from analysis_lavit import (answer_trajectories, attention_entropy, attention_statistics, focus_curve, focus_of,
                                 perception_gap, plot_entropy_histograms, plot_focus_curve, plot_heatmaps,
                                 plot_perception_gap)
     from data_lavit import load_lavit_dataset, read_visual_cot
     from modeling_lavit import LavitForConditionalGeneration
-    from processing_lavit import LavitBaseProcessor, LavitProcessor
+    from processing_lavit import LavitProcessor
+    from teacher_lavit import load_teacher
 
     folder = root / "analysis"
     folder.mkdir(exist_ok=True)
@@ -574,8 +566,7 @@ def stage_analysis(args, root: Path, paths: dict, models: dict, teacher: dict, s
                      folder / "figure2_accuracy_vs_focus.png")
 
     rows = args.query_rows  # the text rows the builder read the teacher's gaze from
-    loaded = {"teacher": (Qwen2_5_VLForConditionalGeneration.from_pretrained(teacher["teacher"]).eval(),
-                          LavitBaseProcessor.from_pretrained(teacher["teacher"]), rows),
+    loaded = {"teacher": (*load_teacher(teacher["teacher"]), rows),
               "student base": (*load_student_base(models, student), rows)}
     for run, info in students["runs"].items():
         model = LavitForConditionalGeneration.from_pretrained(info["path"]).eval()
