@@ -324,31 +324,65 @@ def _pyplot():
     return plt
 
 
-def plot_focus_curve(curve, mean_correct, mean_incorrect, path) -> None:
+def plot_focus_curve(curve, mean_correct, mean_incorrect, path, model: str = "teacher") -> None:
+    """Figure 2 for one model; see `plot_focus_curves`."""
+    plot_focus_curves({model: {"curve": curve, "mean_focus_correct": mean_correct,
+                               "mean_focus_incorrect": mean_incorrect}}, path)
+
+
+def plot_focus_curves(models: dict[str, dict], path) -> None:
+    """Figure 2: accuracy of the samples whose S_focus exceeds a threshold, one line per model. `models` maps a name
+    to `{"curve": focus_curve(...), "mean_focus_correct", "mean_focus_incorrect"}`; the legend names each model with
+    its mean S_focus on right and wrong answers, or says that it has none of one kind (no NaN)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-    xs = [c["threshold"] for c in curve]
-    ys = [100 * c["accuracy"] if not math.isnan(c["accuracy"]) else np.nan for c in curve]
-    ax.plot(xs, ys, marker="o")
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=100)
+    for name, figure in models.items():
+        xs = [c["threshold"] for c in figure["curve"]]
+        ys = [100 * c["accuracy"] if not math.isnan(c["accuracy"]) else np.nan for c in figure["curve"]]
+        means = []
+        for kind in ("correct", "incorrect"):
+            value = figure.get(f"mean_focus_{kind}")
+            means.append(f"{kind} {value:.3f}" if value is not None and not math.isnan(value)
+                         else f"no {kind} answers")
+        ax.plot(xs, ys, marker="o", label=f"{name} (mean S_focus: {', '.join(means)})")
     ax.set_xlabel("S_focus threshold")
     ax.set_ylabel("accuracy of samples above it (%)")
-    ax.set_title(f"Accuracy vs focus (mean S_focus: correct {mean_correct:.3f}, incorrect {mean_incorrect:.3f})",
-                 fontsize=8)
+    ax.set_title("Accuracy against focus on the key region (Figure 2)", fontsize=9)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def plot_perception_gap(gap, path) -> None:
+def plot_perception_gap(gap, path, model: str = "student") -> None:
+    """Figure 3 for one student; see `plot_perception_gaps`."""
+    plot_perception_gaps({model: gap}, path)
+
+
+def plot_perception_gaps(gaps: dict[str, dict], path) -> None:
+    """Figure 3: per word category, each student's attention KL from the teacher and the cosine distance of its hidden
+    states (bars side by side, one colour per student, named in the legend). A category with no tokens in the
+    responses is labelled as such instead of drawn as an empty bar."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(7, 3.2), dpi=100)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), dpi=100)
     categories = list(CATEGORIES)
-    kl = [gap["per_category"][c]["kl"] or 0.0 for c in categories]
-    axes[0].bar(categories, kl, color="tab:red")
-    axes[0].set_title("KL(teacher || student) of attention")
-    cos = [gap["per_category"][c]["cosine_distance"] or 0.0 for c in categories]
-    axes[1].bar(categories, cos, color="tab:blue")
-    axes[1].set_title(f"cosine distance of hidden states ({gap['cosine_through'] or 'not comparable'})", fontsize=8)
+    width = 0.8 / max(1, len(gaps))
+    x = np.arange(len(categories))
+    for panel, (key, title) in enumerate((("kl", "KL(teacher || student) of image attention"),
+                                          ("cosine_distance", "cosine distance of hidden states"))):
+        ax = axes[panel]
+        for i, (name, gap) in enumerate(gaps.items()):
+            values = [gap["per_category"][c][key] for c in categories]
+            through = gap.get("cosine_through")
+            label = name if key == "kl" else f"{name} ({through or 'not comparable'})"
+            ax.bar(x + (i - (len(gaps) - 1) / 2) * width, [v if v is not None else 0.0 for v in values], width,
+                   label=label)
+        for j, category in enumerate(categories):
+            if all(gap["per_category"][category]["tokens"] == 0 for gap in gaps.values()):
+                ax.text(j, 0, "no tokens of\nthis category\nin the answers", ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(x, categories)
+        ax.set_title(title, fontsize=8)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -420,7 +454,9 @@ __all__ = [
     "perception_gap",
     "attention_statistics",
     "plot_focus_curve",
+    "plot_focus_curves",
     "plot_perception_gap",
+    "plot_perception_gaps",
     "plot_entropy_histograms",
     "plot_heatmaps",
     "focus_of",

@@ -9,6 +9,8 @@ from transformers import Qwen2_5_VLConfig
 
 
 GATE_SCOPES = ("after_image", "response")
+# The named readings of `latent_attention_layers`; "last_<n>" (e.g. "last_4") names the last n layers.
+LATENT_LAYER_NAMES = ("all", "last_half", "last")
 
 
 class LavitConfig(Qwen2_5_VLConfig):
@@ -38,8 +40,14 @@ class LavitConfig(Qwen2_5_VLConfig):
             it also closes the path from the image through the question tokens to the answer).
             `"response"`: only the tokens after the latent block, the paper's equation 4 read literally.
         latent_attention_layers (`str` or `list[int]`, *optional*, defaults to `"all"`):
-            The text layers whose attention the latent tokens' image attention is averaged over: `"all"` or a
-            list of layer indices in `[0, num_hidden_layers)`.
+            The text layers whose attention the latent tokens' image attention (A_student, equation 7) is averaged
+            over, i.e. where the trajectory loss reads it. `"all"`: every layer, the paper's reading. A relative
+            form that follows the depth of the model: `"last_half"` (the last `ceil(L / 2)` of L layers),
+            `"last"` (the last layer) or `"last_<n>"` (the last n layers, e.g. `"last_4"`). Or a list of layer
+            indices in `[0, num_hidden_layers)`. Why not always all: in the first layer a latent token's query is
+            a function of its own embedding and position only, so its attention over the image cannot depend on
+            the question, while the teacher's gaze does; averaging over every layer asks that layer for a target
+            it cannot reach. With 36 layers (3B) that layer is 1/36 of the average; with 2 it is half of it.
     """
 
     model_type = "lavit"
@@ -65,9 +73,7 @@ class LavitConfig(Qwen2_5_VLConfig):
 
     def latent_layer_indices(self) -> list[int]:
         """The text-layer indices that `latent_image_attention` is averaged over."""
-        if self.latent_attention_layers == "all":
-            return list(range(self.text_config.num_hidden_layers))
-        return sorted(set(self.latent_attention_layers))
+        return resolve_latent_layers(self.latent_attention_layers, self.text_config.num_hidden_layers)
 
     def _validate_lavit_fields(self) -> None:
         for name in ("num_latent_tokens", "teacher_hidden_size", "concept_head_hidden_size"):
@@ -129,24 +135,58 @@ class LavitConfig(Qwen2_5_VLConfig):
             )
         if self.gate_scope not in GATE_SCOPES:
             raise ValueError(f"gate_scope must be one of {GATE_SCOPES}, got {self.gate_scope!r}.")
-        layers = self.latent_attention_layers
-        if isinstance(layers, str):
-            if layers != "all":
-                raise ValueError(
-                    f"latent_attention_layers must be 'all' or a list of layer indices, got {layers!r}."
-                )
-        else:
-            num_layers = self.text_config.num_hidden_layers
-            if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
-                raise ValueError(f"latent_attention_layers must hold integer layer indices, got {layers!r}.")
-            if len(layers) == 0:
-                raise ValueError("latent_attention_layers is an empty list; give at least one layer index or 'all'.")
-            bad = [i for i in layers if not 0 <= i < num_layers]
-            if bad:
-                raise ValueError(
-                    f"latent_attention_layers {bad} are outside [0, {num_layers}) for this {num_layers}-layer text "
-                    "model; use indices in range or 'all'."
-                )
+        resolve_latent_layers(self.latent_attention_layers, self.text_config.num_hidden_layers)
 
 
-__all__ = ["LavitConfig"]
+def parse_latent_layers(value):
+    """A `latent_attention_layers` value as written on a command line: `"2,3"` becomes `[2, 3]`, a name stays as it
+    is (checked by `resolve_latent_layers`)."""
+    if isinstance(value, str) and value and all(part.strip().isdigit() for part in value.split(",")):
+        return [int(part) for part in value.split(",")]
+    return value
+
+
+def resolve_latent_layers(layers, num_layers: int) -> list[int]:
+    """The sorted layer indices that a `latent_attention_layers` value names in a `num_layers`-layer text model
+    (see `LavitConfig`); a clear `ValueError` for anything else."""
+    if isinstance(layers, str):
+        if layers == "all":
+            return list(range(num_layers))
+        if layers == "last_half":
+            return list(range(num_layers // 2, num_layers))
+        if layers == "last":
+            return [num_layers - 1]
+        if not (layers.startswith("last_") and layers[len("last_"):].isdigit()):
+            raise ValueError(
+                f"latent_attention_layers must be one of {LATENT_LAYER_NAMES}, 'last_<n>' (e.g. 'last_4') or a list "
+                f"of layer indices, got {layers!r}."
+            )
+        count = int(layers[len("last_"):])
+        if count < 1:
+            raise ValueError(f"latent_attention_layers={layers!r} names no layer; use 'last_<n>' with n >= 1, or 'all'.")
+        if count > num_layers:
+            raise ValueError(
+                f"latent_attention_layers={layers!r} asks for the last {count} layers of a {num_layers}-layer text "
+                f"model; use 'last_<n>' with 1 <= n <= {num_layers}, or 'all'."
+            )
+        return list(range(num_layers - count, num_layers))
+    if isinstance(layers, (int, float)) or not hasattr(layers, "__iter__"):
+        raise ValueError(
+            f"latent_attention_layers must be a name ({', '.join(LATENT_LAYER_NAMES)}, 'last_<n>') or a list of layer "
+            f"indices, got {layers!r}."
+        )
+    layers = list(layers)
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+        raise ValueError(f"latent_attention_layers must hold integer layer indices, got {layers!r}.")
+    if len(layers) == 0:
+        raise ValueError("latent_attention_layers is an empty list; give at least one layer index or 'all'.")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(
+            f"latent_attention_layers {bad} are outside [0, {num_layers}) for this {num_layers}-layer text "
+            "model; use indices in range, 'all' or a relative form such as 'last_half'."
+        )
+    return sorted(set(layers))
+
+
+__all__ = ["LavitConfig", "parse_latent_layers", "resolve_latent_layers"]

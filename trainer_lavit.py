@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
+from configuration_lavit import parse_latent_layers, resolve_latent_layers
 from data_lavit import merged_token_grids, resize_gaze
 from modeling_lavit import LavitForConditionalGeneration, concept_loss, trajectory_loss
 from processing_lavit import LavitProcessor
@@ -189,6 +190,10 @@ class LavitSFTConfig(SFTConfig):
             Whether the vision encoder is frozen (the language model is trained).
         response_column (`str`, *optional*, defaults to `"answer"`):
             The dataset column the model learns to answer with (`"answer"`, or `"teacher_response"`).
+        latent_attention_layers (`str`, *optional*):
+            Sets the student's `latent_attention_layers` (the layers L_traj reads the latent tokens' attention from)
+            for this training, saved with the model: `"all"` (the paper), `"last_half"`, `"last"`, `"last_<n>"` or
+            comma-separated indices such as `"2,3"`. Default: what the student was converted with.
         learning_rate, lr_scheduler_type, warmup_ratio, weight_decay, max_steps, per_device_train_batch_size:
             The paper's 5e-6, linear decay, 0.03, 0, 1000 and 16.
     """
@@ -210,6 +215,11 @@ class LavitSFTConfig(SFTConfig):
     distill: bool = field(default=True, metadata={"help": "False trains the Naive-SFT baseline (no latent tokens)."})
     freeze_vision_tower: bool = field(default=True, metadata={"help": "Freeze the vision encoder."})
     response_column: str = field(default="answer", metadata={"help": "Dataset column holding the target answer."})
+    latent_attention_layers: str | None = field(
+        default=None,
+        metadata={"help": "Layers L_traj reads: all (paper), last_half, last, last_<n> or indices '2,3'; default: "
+                          "the student's own setting."},
+    )
     # The paper's recipe (Table A1)
     learning_rate: float = field(default=5e-6, metadata={"help": "Initial learning rate (paper: 5e-6)."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "Learning-rate schedule (paper: linear)."})
@@ -276,6 +286,10 @@ class LavitSFTConfig(SFTConfig):
             raise ValueError(
                 "remove_unused_columns must be False: the LaViT collator reads the image, question and teacher columns."
             )
+        if self.latent_attention_layers is not None:
+            layers = parse_latent_layers(self.latent_attention_layers)
+            if isinstance(layers, str):  # the form here; the depth against the model, in the trainer
+                resolve_latent_layers(layers, 1 << 16)
         if self.cuts_trajectory_gradients():
             raise ValueError(
                 "Reentrant gradient checkpointing (use_reentrant=True) silently cuts the gradients of the latent "
@@ -413,6 +427,10 @@ class LavitSFTTrainer(SFTTrainer):
                 "export_to_qwen2_5_vl turns any of them into a stock checkpoint."
             )
         processing_class.check_model(lavit.config)
+        if args.latent_attention_layers is not None:
+            layers = parse_latent_layers(args.latent_attention_layers)
+            resolve_latent_layers(layers, lavit.config.text_config.num_hidden_layers)  # a ValueError naming the fix
+            lavit.config.latent_attention_layers = layers
         if train_dataset is not None:
             self._check_columns(train_dataset, args, "train")
         for name, eval_set in _named(kwargs.get("eval_dataset")):

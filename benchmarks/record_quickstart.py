@@ -35,9 +35,10 @@ def body_of(results: dict) -> str:
            f"{settings['student_pretrain_pool']} same-size scenes; " if settings.get("student_pretrain_steps") else
            "student base not pre-trained; ")
         + f"students {settings['student_steps']} steps x {settings['seeds']} seeds per "
-        f"method, batch {settings['student_batch_size']}; text {settings['text_hidden']} x {settings['text_layers']} layers, vision "
-        f"{settings['vision_hidden']}. Teacher {results['parameters']['teacher']:,} parameters, students "
-        f"{results['parameters']['student']:,}.",
+        f"method, batch {settings['student_batch_size']}, L_traj read from layers "
+        f"`{settings.get('latent_attention_layers', 'all')}`; text {settings['text_hidden']} x "
+        f"{settings['text_layers']} layers, vision {settings['vision_hidden']}. Teacher "
+        f"{results['parameters']['teacher']:,} parameters, students {results['parameters']['student']:,}.",
         "",
         "| stage | wall time s |",
         "|---|---|",
@@ -45,12 +46,20 @@ def body_of(results: dict) -> str:
     lines += [f"| {name} | {s:.1f} |" for name, s in seconds.items()]
     lines += [f"| total | {sum(seconds.values()):.1f} |", ""]
     t = results["teacher"]
-    lines += [f"Teacher: {t['val_accuracy']:.1f}% on validation after {t['steps']} steps (target {t['target']:.0f}%); "
-              f"kept {results['dataset']['kept']} of {results['dataset']['processed']} distillation samples.", ""]
+    curve = ", ".join(f"{c['val_accuracy']:.1f}% at {c['step']}" for c in t.get("curve", []))
+    lines += [f"Teacher: {t['val_accuracy']:.1f}% on validation after {t['steps']} steps (target {t['target']:.0f}%; "
+              f"{curve}); kept {results['dataset']['kept']} of {results['dataset']['processed']} distillation "
+              "samples.", ""]
     m = results["methods"]
     lines += quickstart.results_table(m)
-    for mode in ("none", "masked", "zeroed", "shuffled"):
-        lines.append(f"| lavit, latents {mode} | {quickstart.fmt(m[f'lavit [{mode}]']['accuracy'])} | | | | |")
+    lines += ["", *quickstart.modes_table(m)]
+    ablations = [k for k in m if k.startswith("ablation: ")]
+    if ablations:
+        lines += ["", "| Table 3 ablation (seed 0) | accuracy (%) | latents shuffled (%) |", "|---|---|---|"]
+        lines += [f"| {k[len('ablation: '):]} | {quickstart.fmt(m[k]['accuracy'])} | "
+                  f"{quickstart.fmt(m[k].get('shuffled'))} |" for k in ablations]
+    if any((results.get("val_curves") or {}).values()):
+        lines += ["", "Validation accuracy along training:", "", *quickstart.curves_table(results["val_curves"])]
     lines += ["", *quickstart.verdict(results)]
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from configuration_lavit import parse_latent_layers
 from conversion_lavit import convert_qwen2_5_vl_to_lavit
 
 
@@ -33,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="hidden width of the concept head (default: the text hidden size)")
     parser.add_argument("--gate-scope", choices=["after_image", "response"], default="after_image",
                         help="which query rows the sensory gate restrains (see LavitConfig)")
+    parser.add_argument("--latent-attention-layers", type=parse_latent_layers, default="all",
+                        help="the text layers the latent tokens' image attention (L_traj) is read from: all (the "
+                             "paper), last_half, last, last_<n>, or comma-separated indices (see LavitConfig)")
     parser.add_argument("--dtype", default="auto", help="dtype to load the base in: auto, bfloat16, float32, ...")
     parser.add_argument("--seed", type=int, default=0, help="seed of the concept head's initialisation")
     return parser.parse_args(argv)
@@ -49,6 +53,7 @@ def main(argv=None) -> None:
         latent_token_template=args.latent_token_template,
         concept_head_hidden_size=args.concept_head_hidden_size,
         gate_scope=args.gate_scope,
+        latent_attention_layers=args.latent_attention_layers,
         dtype=args.dtype,
         seed=args.seed,
     )

@@ -32,9 +32,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import synthetic_grounding as task  # noqa: E402
 
+from configuration_lavit import parse_latent_layers, resolve_latent_layers  # noqa: E402
 from data_lavit import box_to_token_mask, merged_token_grids, write_json_atomic  # noqa: E402
 from modeling_lavit import LavitAttentionControl, image_attention_capture, trajectory_loss  # noqa: E402
 from trainer_lavit import LavitDataCollator, LavitSFTTrainer  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 log = logging.getLogger("quickstart")
 
@@ -152,6 +154,86 @@ class GroundedSFTTrainer(LavitSFTTrainer):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Progress on the console, numbers in the run's log
+# ----------------------------------------------------------------------------------------------------------------
+
+train_log = logging.getLogger("quickstart.train")  # every Trainer log dict, to <output>/run.log only
+
+
+def progress_bar(total: int, description: str, unit: str):
+    """A tqdm bar (count, rate and ETA) on stderr; redrawn every second on a terminal, every 30 s in a log."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, leave=True,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0)
+
+
+class TrainingProgress(TrainerCallback):
+    """One bar per training (steps, rate, ETA, the latest loss beside it) in place of the log dicts the Trainer
+    prints; the dicts go to the run's log file, tagged with the training's name."""
+
+    def __init__(self, description: str, validation: "ValidationCurve | None" = None):
+        self.description, self.validation = description, validation
+        self.bar = None
+        self.postfix: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = progress_bar(state.max_steps, self.description, "step")
+        self.bar.update(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.validation is not None and self.validation.curve:
+            self.postfix["val"] = f"{self.validation.curve[-1]['val_accuracy']:.1f}%"
+            self.bar.set_postfix(self.postfix, refresh=False)
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = {k: v for k, v in (logs or {}).items() if k != "total_flos"}
+        train_log.debug("%s step %d: %s", self.description, state.global_step, json.dumps(logs))
+        if "loss" in logs and self.bar is not None:
+            self.postfix["loss"] = f"{logs['loss']:.3f}"
+            self.bar.set_postfix(self.postfix, refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def show_progress(trainer, description: str, validation: "ValidationCurve | None" = None) -> None:
+    """Swaps the Trainer's printer for a `TrainingProgress` bar (added last, so it shows this step's validation)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(TrainingProgress(description, validation))
+
+
+class ValidationCurve(TrainerCallback):
+    """Accuracy on the validation split every `every` steps and at the last step, with the sensory gate open as at
+    inference (and put back after); optionally stops the training once `target` (%) is reached. `curve` holds
+    `{"step", "val_accuracy"}` rows."""
+
+    def __init__(self, every: int, evaluate, target: float | None = None, name: str = "model"):
+        self.every, self.evaluate, self.target, self.name = every, evaluate, target, name
+        self.curve: list[dict] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every and state.global_step != state.max_steps:
+            return
+        gate = model.sensory_gate.item()
+        model.set_sensory_gate(1.0)
+        model.eval()
+        accuracy = self.evaluate(model)
+        model.train()
+        model.set_sensory_gate(gate)
+        self.curve.append({"step": state.global_step, "val_accuracy": accuracy})
+        train_log.debug("%s step %d: validation accuracy %.1f%%", self.name, state.global_step, accuracy)
+        if self.target is not None and accuracy >= self.target:
+            log.info("  %s: %.1f%% on validation at step %d, target reached", self.name, accuracy, state.global_step)
+            control.should_training_stop = True
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -168,8 +250,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--teacher-steps", type=int, default=2500, help="at most this many teacher steps")
     parser.add_argument("--teacher-target", type=float, default=0.90, help="stop the teacher at this val accuracy")
-    parser.add_argument("--teacher-eval-every", type=int, default=500)
-    parser.add_argument("--student-steps", type=int, default=300)
+    parser.add_argument("--teacher-eval-every", type=int, default=250,
+                        help="the teacher's validation accuracy every this many steps (it stops at the target)")
+    parser.add_argument("--student-steps", type=int, default=750,
+                        help="steps of each student (chosen on validation: see benchmarks/RESULTS.md)")
+    parser.add_argument("--student-eval-every", type=int, default=250,
+                        help="the students' validation accuracy every this many steps (the report's learning curves)")
+    parser.add_argument("--latent-attention-layers", default="all",
+                        help="the student layers whose latent-token attention L_traj reads: all (the paper), "
+                             "last_half, last, last_<n> or comma-separated indices (see LavitConfig)")
+    parser.add_argument("--gate-warmup-fraction", type=float, default=0.4,
+                        help="T_w as a share of the student steps (the paper: 400 of 1000)")
     parser.add_argument("--batch-size", type=int, default=32, help="the teacher's batch")
     parser.add_argument("--student-batch-size", type=int, default=16,
                         help="the students' batch (their data are the few hundred samples the filter kept)")
@@ -187,7 +278,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--teacher-text-hidden", type=int, default=None, help="default: --text-hidden")
     parser.add_argument("--teacher-text-layers", type=int, default=None, help="default: --text-layers")
     parser.add_argument("--ablations", action="store_true", help="also train the Table 3 ablations (one seed each)")
-    parser.add_argument("--analysis-samples", type=int, default=60)
+    parser.add_argument("--analysis-samples", type=int, default=100, help="test questions the attention analysis reads")
     parser.add_argument("--filter-stages", nargs="*", default=["correctness", "difficulty", "alignment"],
                         help="the builder's filter stages (none: keep every sample the teacher processed)")
     parser.add_argument("--focus-threshold", type=float, default=0.15, help="the alignment stage's S_focus threshold")
@@ -198,11 +289,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.seeds, args.teacher_pool, args.distill_samples, args.val, args.test = 2, 64, 24, 8, 8
         args.teacher_steps, args.teacher_eval_every, args.student_steps, args.batch_size = 4, 2, 3, 4
+        args.student_eval_every = 2
         args.student_batch_size = 4
         args.student_pretrain_steps, args.student_pretrain_pool = 3, 16
         args.analysis_samples, args.text_hidden, args.vision_hidden = 4, 32, 32
         args.filter_stages = []  # a 4-step teacher answers nothing right; the filter would keep nothing
     args.teacher_text_hidden = args.teacher_text_hidden or args.text_hidden
+    try:
+        resolve_latent_layers(parse_latent_layers(args.latent_attention_layers), args.text_layers)
+    except ValueError as err:
+        parser.error(f"--latent-attention-layers: {err}")
+    if not 0 <= args.gate_warmup_fraction <= 1:
+        parser.error(f"--gate-warmup-fraction must lie in [0, 1], got {args.gate_warmup_fraction}.")
+    for name in ("seeds", "student_steps", "student_eval_every", "teacher_steps", "teacher_eval_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
     args.teacher_text_layers = args.teacher_text_layers or args.text_layers
     return args
 
@@ -235,7 +336,8 @@ class Stages:
 
 def check_settings(root: Path, args) -> None:
     """A rerun resumes only a run of the same settings: a folder made with others is refused, naming them."""
-    settings = {k: v for k, v in vars(args).items() if k != "output_dir"}
+    # --ablations only adds a stage, so a finished run takes it without retraining anything
+    settings = {k: v for k, v in vars(args).items() if k not in ("output_dir", "ablations")}
     path = root / "settings.json"
     if path.exists():
         before = json.loads(path.read_text())
@@ -341,8 +443,6 @@ def stage_teacher(args, root: Path, paths: dict, models: dict) -> dict:
     """Supervised fine-tuning of the teacher on the large pool (the trainer's Naive-SFT mode on a converted copy, with
     `GroundedSFTTrainer`'s grounding loss unless --teacher-grounding-weight is 0), evaluated on validation every few
     hundred steps and stopped at the target accuracy; exported as a stock model."""
-    from transformers import TrainerCallback
-
     from conversion_lavit import convert_qwen2_5_vl_to_lavit, export_to_qwen2_5_vl
     from evaluation_lavit import load_mmvp
     from modeling_lavit import LavitForConditionalGeneration
@@ -354,20 +454,10 @@ def stage_teacher(args, root: Path, paths: dict, models: dict) -> dict:
     model = LavitForConditionalGeneration.from_pretrained(lavit_dir)
     processor = LavitProcessor.from_pretrained(lavit_dir)
     val = load_mmvp(paths["val_mmvp"])
-    curve = []
-
-    class StopAtTarget(TrainerCallback):
-        def on_step_end(self, cb_args, state, control, model=None, **kwargs):
-            if state.global_step % args.teacher_eval_every and state.global_step != state.max_steps:
-                return
-            model.eval()
-            result = accuracy(model, processor, val, str(work / "val_predictions.jsonl"), mode="none")
-            model.train()
-            curve.append({"step": state.global_step, "val_accuracy": result["accuracy"]})
-            log.info("  teacher step %d: validation accuracy %.1f%%", state.global_step, result["accuracy"])
-            if result["accuracy"] >= 100 * args.teacher_target:
-                control.should_training_stop = True
-
+    validation = ValidationCurve(
+        args.teacher_eval_every, lambda m: accuracy(m, processor, val, str(work / "val_predictions.jsonl"),
+                                                    mode="none")["accuracy"],
+        target=100 * args.teacher_target, name="teacher")
     config = cpu_config(work / "run", args.teacher_steps, args.batch_size, args.teacher_lr, args.seed,
                         args.teacher_eval_every, distill=False)
     extra = {}
@@ -377,12 +467,14 @@ def stage_teacher(args, root: Path, paths: dict, models: dict) -> dict:
     else:
         Trainer = LavitSFTTrainer
     trainer = Trainer(model=model, args=config, train_dataset=sft_dataset(paths["teacher_pool"], paths["images"]),
-                      processing_class=processor, callbacks=[StopAtTarget()], **extra)
+                      processing_class=processor, callbacks=[validation], **extra)
+    show_progress(trainer, "teacher", validation)
     trainer.train()
     trainer.save_model(str(work / "trained"))
     processor.save_pretrained(str(work / "trained"))
     # trained without latent tokens, so exported without the chat template forcing them
     teacher_dir = export_to_qwen2_5_vl(work / "trained", root / "models" / "teacher", force_latent_tokens=False)
+    curve = validation.curve
     final = curve[-1]["val_accuracy"] if curve else float("nan")
     if final < 100 * args.teacher_target:
         log.warning("The teacher reached %.1f%% on validation, below the %.0f%% target; its signals are weaker than "
@@ -410,6 +502,7 @@ def stage_student(args, root: Path, paths: dict, models: dict) -> dict:
                         args.student_lr, args.seed, args.student_pretrain_steps, distill=False)
     trainer = LavitSFTTrainer(model=model, args=config, processing_class=processor,
                               train_dataset=sft_dataset(paths["student_pretrain"], paths["images"]))
+    show_progress(trainer, "student base pre-training")
     trainer.train()
     out = root / "models" / "student_lavit"
     trainer.save_model(str(out))
@@ -432,7 +525,7 @@ def stage_dataset(args, root: Path, paths: dict, teacher: dict) -> dict:
                            batch_size=50, shard_size=500, min_pixels=4 * 784, max_pixels=256 * 784, max_new_tokens=3,
                            seed=args.seed, stages=tuple(args.filter_stages), focus_threshold=args.focus_threshold,
                            query_rows=args.query_rows)
-    build_lavit_dataset(config, out, progress=False)
+    build_lavit_dataset(config, out, progress=True)
     summary = finalize_dataset(out, config, "python examples/quickstart.py (stage: dataset)")
     if not summary["kept"]:
         raise RuntimeError(
@@ -445,27 +538,44 @@ def stage_dataset(args, root: Path, paths: dict, teacher: dict) -> dict:
             "query_rows": args.query_rows, **summary}
 
 
-def train_student(args, root: Path, name: str, student_dir: str, dataset_dir: str, seed: int, **overrides) -> dict:
+def train_student(args, root: Path, name: str, student_dir: str, dataset_dir: str, val_mmvp: str, seed: int,
+                  description: str, **overrides) -> dict:
+    """One student on the kept samples: Naive SFT (`distill=False` in `overrides`) or LaViT, its latent tokens' image
+    attention read from --latent-attention-layers; its validation accuracy every --student-eval-every steps."""
     from data_lavit import load_lavit_dataset
+    from evaluation_lavit import load_mmvp
     from modeling_lavit import LavitForConditionalGeneration
     from processing_lavit import LavitProcessor
 
     out = root / "students" / f"{name}-seed{seed}"
-    model = LavitForConditionalGeneration.from_pretrained(student_dir)
+    distill = overrides.get("distill", True)
+    model = LavitForConditionalGeneration.from_pretrained(
+        student_dir, latent_attention_layers=parse_latent_layers(args.latent_attention_layers))
     processor = LavitProcessor.from_pretrained(student_dir)
+    val = load_mmvp(val_mmvp)
+    mode = "forced" if distill else "none"
+    validation = ValidationCurve(
+        args.student_eval_every,
+        lambda m: accuracy(m, processor, val, str(out / "run" / "val_predictions.jsonl"), mode=mode)["accuracy"],
+        name=f"{name} seed {seed}")
     config = cpu_config(out / "run", args.student_steps, args.student_batch_size, args.student_lr, seed,
-                        args.student_steps // 10, data_seed=seed,
-                        **{"gate_warmup_steps": max(1, int(0.4 * args.student_steps)), **overrides})
-    trainer = LavitSFTTrainer(model=model, args=config,
+                        max(1, args.student_steps // 20), data_seed=seed,
+                        **{"gate_warmup_steps": max(1, int(args.gate_warmup_fraction * args.student_steps)),
+                           **overrides})
+    trainer = LavitSFTTrainer(model=model, args=config, callbacks=[validation],
                               train_dataset=load_lavit_dataset(dataset_dir, "kept"), processing_class=processor)
+    show_progress(trainer, description, validation)
     trainer.train()
     trainer.save_model(str(out))
     processor.save_pretrained(str(out))
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    return {"path": str(out), "final_loss": logs[-1]["loss"] if logs else None,
+    return {"path": str(out), "final_loss": logs[-1]["loss"] if logs else None, "val_curve": validation.curve,
             "log": [{k: h.get(k) for k in ("step", "loss", "ntp_loss", "concept_loss", "trajectory_loss",
                                            "sensory_gate")} for h in logs]}
 
+
+# LaViT at inference: its latent tokens as trained, left out, masked from the answer, zeroed, or swapped between samples
+LATENT_MODES = ["forced", "none", "masked", "zeroed", "shuffled"]
 
 ABLATIONS = {
     "no_trajectory": {"trajectory_loss_coef": 0.0},
@@ -475,20 +585,44 @@ ABLATIONS = {
 }
 
 
-def stage_students(args, root: Path, student: dict, dataset: dict) -> dict:
-    """Naive SFT and LaViT on the same kept samples, the same steps and the same seeds (and the ablations)."""
-    plan = [(name, seed, overrides) for seed in range(args.seeds)
-            for name, overrides in (("naive_sft", {"distill": False}), ("lavit", {}))]
-    if args.ablations:
-        plan += [(name, 0, overrides) for name, overrides in ABLATIONS.items()]
+def train_runs(args, root: Path, student: dict, dataset: dict, paths: dict, plan: list) -> dict:
     runs = {}
     for i, (name, seed, overrides) in enumerate(plan, 1):
         start = time.time()
-        runs[f"{name}-seed{seed}"] = info = train_student(args, root, name, student["student_lavit"],
-                                                          dataset["dataset"], seed, **overrides)
-        log.info("  student %d/%d: %s seed %d, %d steps in %.0f s, final loss %.3f", i, len(plan), name, seed,
-                 args.student_steps, time.time() - start, info["final_loss"] or math.nan)
-    return {"runs": runs}
+        runs[f"{name}-seed{seed}"] = info = train_student(
+            args, root, name, student["student_lavit"], dataset["dataset"], paths["val_mmvp"], seed,
+            f"{name} seed {seed} ({i}/{len(plan)})", **overrides)
+        curve = info["val_curve"]
+        log.info("  %s seed %d: %d steps in %.0f s, final loss %.3f, validation %s", name, seed, args.student_steps,
+                 time.time() - start, info["final_loss"] or math.nan,
+                 " ".join(f"{c['val_accuracy']:.1f}" for c in curve))
+    return runs
+
+
+def stage_students(args, root: Path, student: dict, dataset: dict, paths: dict) -> dict:
+    """Naive SFT and LaViT on the same kept samples, the same steps and the same seeds."""
+    plan = [(name, seed, overrides) for seed in range(args.seeds)
+            for name, overrides in (("naive_sft", {"distill": False}), ("lavit", {}))]
+    return {"runs": train_runs(args, root, student, dataset, paths, plan)}
+
+
+def stage_ablations(args, root: Path, student: dict, dataset: dict, paths: dict) -> dict:
+    """Table 3's ablations of LaViT, one seed each, trained and scored on test like the full method (--ablations;
+    added to a finished run without retraining anything)."""
+    from evaluation_lavit import load_mmvp
+    from modeling_lavit import LavitForConditionalGeneration
+    from processing_lavit import LavitProcessor
+
+    plan = [(name, 0, overrides) for name, overrides in ABLATIONS.items()]
+    runs = train_runs(args, root, student, dataset, paths, plan)
+    test = load_mmvp(paths["test_mmvp"])
+    results = {}
+    for run, info in runs.items():
+        model = LavitForConditionalGeneration.from_pretrained(info["path"]).eval()
+        processor = LavitProcessor.from_pretrained(info["path"])
+        results[run] = {mode: accuracy(model, processor, test, str(root / "evaluation" / f"{run}-{mode}.jsonl"), mode)
+                        for mode in ("forced", "shuffled")}
+    return {"runs": runs, "results": results}
 
 
 def load_student_base(models: dict, student: dict):
@@ -517,33 +651,43 @@ def stage_evaluate(args, root: Path, paths: dict, models: dict, teacher: dict, s
     test = load_mmvp(paths["test_mmvp"])
     folder = root / "evaluation"
     folder.mkdir(exist_ok=True)
+    jobs = [("teacher", ["none"]), ("student base", ["none"])]
+    jobs += [(run, ["none"] if run.startswith("naive_sft") else LATENT_MODES) for run in students["runs"]]
+    bar = progress_bar(sum(len(modes) for _, modes in jobs), "evaluate on test", "run")
     results = {}
-    starts = {"teacher": load_teacher(teacher["teacher"]),
-              "student base": load_student_base(models, student)}
-    for name, (model, processor) in starts.items():
-        results[name] = {"none": accuracy(model, processor, test, str(folder / f"{name.replace(' ', '_')}.jsonl"),
-                                          "none")}
-    for run, info in students["runs"].items():
-        model = LavitForConditionalGeneration.from_pretrained(info["path"]).eval()
-        processor = LavitProcessor.from_pretrained(info["path"])
-        modes = ["none"] if run.startswith("naive_sft") else (
-            ["forced", "none", "masked", "zeroed", "shuffled"] if run.startswith("lavit") else ["forced"])
-        results[run] = {mode: accuracy(model, processor, test, str(folder / f"{run}-{mode}.jsonl"), mode)
-                        for mode in modes}
+    for name, modes in jobs:
+        if name == "teacher":
+            model, processor = load_teacher(teacher["teacher"])
+        elif name == "student base":
+            model, processor = load_student_base(models, student)
+        else:
+            model = LavitForConditionalGeneration.from_pretrained(students["runs"][name]["path"]).eval()
+            processor = LavitProcessor.from_pretrained(students["runs"][name]["path"])
+        results[name] = {}
+        for mode in modes:
+            path = folder / f"{name.replace(' ', '_')}{'' if name in ('teacher', 'student base') else '-' + mode}.jsonl"
+            results[name][mode] = accuracy(model, processor, test, str(path), mode)
+            bar.update()
+    bar.close()
     return {"results": results}
+
+
+FOCUS_THRESHOLDS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4]
 
 
 def stage_analysis(args, root: Path, paths: dict, models: dict, teacher: dict, student: dict, students: dict,
                    dataset: dict) -> dict:
-    """The attention analysis: each model's attention while answering the test questions (S_focus on the key object's
-    cell, entropy, salient regions), Figures 2-5 and the perception gap of the seed-0 students."""
+    """The attention analysis on the first --analysis-samples test questions: each model's attention while it answers
+    (S_focus on the key object's cell, entropy, salient regions), Figure 2 (accuracy against S_focus, for the models
+    that err: the student base and both students, seeds pooled), Figure 3 (the perception gap of Naive SFT and LaViT,
+    seed 0, against the teacher), Figures 4 and 5."""
     from analysis_lavit import (answer_trajectories, attention_entropy, attention_statistics, focus_curve, focus_of,
-                                perception_gap, plot_entropy_histograms, plot_focus_curve, plot_heatmaps,
-                                plot_perception_gap)
-    from data_lavit import load_lavit_dataset, read_visual_cot
+                                perception_gap, plot_entropy_histograms, plot_focus_curves, plot_heatmaps,
+                                plot_perception_gaps)
+    from data_lavit import read_visual_cot
     from modeling_lavit import LavitForConditionalGeneration
     from processing_lavit import LavitProcessor
-    from teacher_lavit import load_teacher
+    from teacher_lavit import answer_matches, load_teacher
 
     folder = root / "analysis"
     folder.mkdir(exist_ok=True)
@@ -555,16 +699,6 @@ def stage_analysis(args, root: Path, paths: dict, models: dict, teacher: dict, s
     questions = [s.question for s in samples]
     boxes = [s.bbox for s in samples]
 
-    everything = load_lavit_dataset(dataset["dataset"], "all")
-    flags = everything.select_columns(["s_focus", "correct"])
-    curve = focus_curve(flags["s_focus"], flags["correct"], [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
-    right = [f for f, c in zip(flags["s_focus"], flags["correct"]) if c]
-    wrong = [f for f, c in zip(flags["s_focus"], flags["correct"]) if not c]
-    figure2 = {"curve": curve, "mean_focus_correct": float(np.mean(right)) if right else None,
-               "mean_focus_incorrect": float(np.mean(wrong)) if wrong else None}
-    plot_focus_curve(curve, figure2["mean_focus_correct"] or math.nan, figure2["mean_focus_incorrect"] or math.nan,
-                     folder / "figure2_accuracy_vs_focus.png")
-
     rows = args.query_rows  # the text rows the builder read the teacher's gaze from
     loaded = {"teacher": (*load_teacher(teacher["teacher"]), rows),
               "student base": (*load_student_base(models, student), rows)}
@@ -575,13 +709,30 @@ def stage_analysis(args, root: Path, paths: dict, models: dict, teacher: dict, s
         loaded[run] = (model, processor, rows)
         if run.startswith("lavit"):
             loaded[f"{run} (latents)"] = (model, loaded[run][1], "latents")
-    per_model, maps, grids, entropies = {}, {}, {}, {}
+    per_model, maps, grids, entropies, focus, correct = {}, {}, {}, {}, {}, {}
+    bar = progress_bar(len(loaded) + 2, "attention analysis", "model")
     for name, (model, processor, model_rows) in loaded.items():
         run = answer_trajectories(model, processor, images, questions, 3, model_rows, batch_size=20)
-        focus = [f for f in focus_of(run["maps"], run["grids"], images, boxes) if f is not None]
-        per_model[name] = {**attention_statistics(run["maps"]), "s_focus": float(np.mean(focus)), "rows": model_rows}
+        focus[name] = [f for f in focus_of(run["maps"], run["grids"], images, boxes)]
+        correct[name] = [answer_matches(text, s.answer) for text, s in zip(run["answers"], samples)]
+        per_model[name] = {**attention_statistics(run["maps"]), "s_focus": float(np.mean(focus[name])),
+                           "rows": model_rows, "accuracy": 100 * float(np.mean(correct[name]))}
         maps[name], grids[name] = run["maps"], run["grids"]
         entropies[name] = [attention_entropy(m) for m in run["maps"]]
+        bar.update()
+
+    figure2 = {}
+    for label, prefix in (("student base", "student base"), ("Naive SFT", "naive_sft-seed"), ("LaViT", "lavit-seed")):
+        names = [n for n in loaded if n.startswith(prefix) and not n.endswith("(latents)")]
+        pooled_focus = [f for n in names for f in focus[n]]
+        pooled_correct = [c for n in names for c in correct[n]]
+        right = [f for f, c in zip(pooled_focus, pooled_correct) if c]
+        wrong = [f for f, c in zip(pooled_focus, pooled_correct) if not c]
+        figure2[label] = {"curve": focus_curve(pooled_focus, pooled_correct, FOCUS_THRESHOLDS), "runs": names,
+                          "mean_focus_correct": float(np.mean(right)) if right else None,
+                          "mean_focus_incorrect": float(np.mean(wrong)) if wrong else None}
+    plot_focus_curves(figure2, folder / "figure2_accuracy_vs_focus.png")
+
     shown = ["teacher", "student base", "naive_sft-seed0", "lavit-seed0", "lavit-seed0 (latents)"]
     plot_entropy_histograms({n: entropies[n] for n in shown}, folder / "figure4_entropy.png")
     plot_heatmaps(images[:3], {n: maps[n][:3] for n in shown}, {n: grids[n][:3] for n in shown},
@@ -589,11 +740,13 @@ def stage_analysis(args, root: Path, paths: dict, models: dict, teacher: dict, s
     gaps = {}
     teacher_model, teacher_processor, _ = loaded["teacher"]
     responses = [s.answer for s in samples]
-    for run in ("naive_sft-seed0", "lavit-seed0"):
+    for label, run in (("Naive SFT (seed 0)", "naive_sft-seed0"), ("LaViT (seed 0)", "lavit-seed0")):
         model, processor, _ = loaded[run]
         gap = perception_gap(teacher_model, teacher_processor, model, processor, images, questions, responses)
-        gaps[run] = {"per_category": gap["per_category"], "cosine_through": gap["cosine_through"]}
-    plot_perception_gap(gap, folder / "figure3_perception_gap.png")
+        gaps[label] = {"per_category": gap["per_category"], "cosine_through": gap["cosine_through"]}
+        bar.update()
+    bar.close()
+    plot_perception_gaps(gaps, folder / "figure3_perception_gap.png")
     return {"figure2": figure2, "per_model": per_model, "perception_gap": gaps,
             "figures": ["analysis/figure2_accuracy_vs_focus.png", "analysis/figure3_perception_gap.png",
                         "analysis/figure4_entropy.png", "analysis/figure5_heatmaps.png"]}
@@ -605,45 +758,76 @@ def stage_analysis(args, root: Path, paths: dict, models: dict, teacher: dict, s
 
 
 def mean_std(values) -> dict:
-    values = [v for v in values if v is not None]
+    """`analysis_lavit.spread` of the values given (None dropped) with the values themselves; empty: no mean."""
+    from analysis_lavit import spread
+
+    values = [float(v) for v in values if v is not None]
     if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    return {**{k: v for k, v in spread(values).items() if k != "cv"}, "values": values}
+
+
+LATENT_MODE_MEANING = {
+    "forced": "the latent tokens written before the answer, as trained",
+    "none": "no latent tokens at all: the answer straight after the question",
+    "masked": "the latent tokens written, but no later token may attend to them (the first answer token is still "
+              "predicted at the last latent position, so a one-letter answer keeps that position's state)",
+    "zeroed": "the latent tokens' input embeddings set to zero",
+    "shuffled": "at every layer, each sample's latent states swapped with another sample's: the answer reads "
+                "another image's latent thoughts",
+}
 
 
 def summarise(args, stages: dict) -> dict:
     """results.json: every number the report shows."""
     evaluation = stages["evaluate"]["results"]
     analysis = stages["analysis"]["per_model"]
+    runs = stages["students"]["runs"]
     seeds = range(args.seeds)
 
-    def row(runs: list[str], accuracy: list[float]) -> dict:
-        """Mean and spread over `runs` of the accuracy given and of the attention statistics of the analysis."""
+    def row(names: list[str], accuracy: list[float]) -> dict:
+        """Mean and spread over `names` of the accuracy given and of the attention statistics of the analysis."""
         return {"accuracy": mean_std(accuracy),
-                "s_focus": mean_std([analysis[r]["s_focus"] for r in runs]),
-                "entropy": mean_std([analysis[r]["entropy"]["mean"] for r in runs]),
-                "salient_regions": mean_std([analysis[r]["salient_regions"]["mean"] for r in runs]),
-                "salient_regions_cv": mean_std([analysis[r]["salient_regions"]["cv"] for r in runs])}
+                "s_focus": mean_std([analysis[r]["s_focus"] for r in names]),
+                "entropy": mean_std([analysis[r]["entropy"]["mean"] for r in names]),
+                "salient_regions": mean_std([analysis[r]["salient_regions"]["mean"] for r in names]),
+                "salient_regions_cv": mean_std([analysis[r]["salient_regions"]["cv"] for r in names])}
 
-    methods = {}
-    for method, mode in (("naive_sft", "none"), ("lavit", "forced")):
-        runs = [f"{method}-seed{s}" for s in seeds]
-        methods[method] = row(runs, [evaluation[r][mode]["accuracy"] for r in runs])
+    per_seed = {"naive_sft": [evaluation[f"naive_sft-seed{s}"]["none"]["accuracy"] for s in seeds],
+                "lavit": [evaluation[f"lavit-seed{s}"]["forced"]["accuracy"] for s in seeds]}
+    methods = {method: row([f"{method}-seed{s}" for s in seeds], per_seed[method]) for method in per_seed}
     methods["lavit (latent tokens)"] = row([f"lavit-seed{s} (latents)" for s in seeds], [])
-    for mode in ("none", "masked", "zeroed", "shuffled"):
-        methods[f"lavit [{mode}]"] = {"accuracy": mean_std([evaluation[f"lavit-seed{s}"][mode]["accuracy"] for s in seeds])}
+    for mode in LATENT_MODES[1:]:
+        methods[f"lavit [{mode}]"] = {"accuracy": mean_std([evaluation[f"lavit-seed{s}"][mode]["accuracy"]
+                                                            for s in seeds])}
     for name in ("teacher", "student base"):
         methods[name] = row([name], [evaluation[name]["none"]["accuracy"]])
+    ablations = (stages.get("ablations") or {}).get("results", {})
     for name in ABLATIONS:
-        if f"{name}-seed0" in evaluation:
-            methods[f"ablation: {name}"] = {"accuracy": mean_std([evaluation[f"{name}-seed0"]["forced"]["accuracy"]])}
+        if f"{name}-seed0" in ablations:
+            methods[f"ablation: {name}"] = {
+                "accuracy": mean_std([ablations[f"{name}-seed0"]["forced"]["accuracy"]]),
+                "shuffled": mean_std([ablations[f"{name}-seed0"]["shuffled"]["accuracy"]])}
     lavit, naive = methods["lavit"], methods["naive_sft"]
+    teacher = methods["teacher"]["accuracy"]["mean"]
 
     def diff(key):
         if lavit[key]["mean"] is None or naive[key]["mean"] is None:
             return None
         return lavit[key]["mean"] - naive[key]["mean"]
 
+    # the share of the Naive-to-teacher gap that LaViT closes, seed by seed (the same seed's Naive SFT run)
+    shares = [(lv - nv) / (teacher - nv) if teacher - nv > 0 else None
+              for lv, nv in zip(per_seed["lavit"], per_seed["naive_sft"])]
+    shuffled_drop = [evaluation[f"lavit-seed{s}"]["forced"]["accuracy"] - evaluation[f"lavit-seed{s}"]["shuffled"]
+                     ["accuracy"] for s in seeds]
+    curves = {}
+    for method in per_seed:
+        by_step: dict[int, list[float]] = {}
+        for s in seeds:
+            for point in runs[f"{method}-seed{s}"].get("val_curve", []):
+                by_step.setdefault(point["step"], []).append(point["val_accuracy"])
+        curves[method] = [{"step": step, "val_accuracy": mean_std(values)} for step, values in sorted(by_step.items())]
     return {
         "smoke": args.smoke,
         "settings": {k: v for k, v in vars(args).items()},
@@ -656,7 +840,13 @@ def summarise(args, stages: dict) -> dict:
         "dataset": {k: stages["dataset"][k] for k in ("processed", "kept", "rejected", "skipped", "filter_stages",
                                                        "focus_threshold", "query_rows")},
         "methods": methods,
+        "per_seed": {method: [{"seed": s, "test_accuracy": per_seed[method][s],
+                               "final_train_loss": runs[f"{method}-seed{s}"]["final_loss"]} for s in seeds]
+                     for method in per_seed},
         "lavit_minus_naive": {"accuracy": diff("accuracy"), "s_focus": diff("s_focus")},
+        "gap_closed": mean_std(shares),
+        "shuffled_drop": mean_std(shuffled_drop),
+        "val_curves": curves,
         "figure2": stages["analysis"]["figure2"],
         "perception_gap": stages["analysis"]["perception_gap"],
         "figures": stages["analysis"]["figures"],
@@ -665,8 +855,11 @@ def summarise(args, stages: dict) -> dict:
 
 
 def fmt(stat, scale: float = 1.0, digits: int = 1) -> str:
-    if stat is None or stat.get("mean") is None:
+    """`mean ± std` (or the mean alone for one value); "—" where there is no number (e.g. a CV of a zero mean)."""
+    if stat is None or stat.get("mean") is None or not math.isfinite(stat["mean"]):
         return "—"
+    if stat["n"] > 1 and not math.isfinite(stat["std"]):
+        return f"{stat['mean'] * scale:.{digits}f}"
     if stat["n"] > 1:
         return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
     return f"{stat['mean'] * scale:.{digits}f}"
@@ -674,11 +867,13 @@ def fmt(stat, scale: float = 1.0, digits: int = 1) -> str:
 
 def verdict(results: dict) -> list[str]:
     """One plain sentence per measure: who is ahead, by how much, and whether the gap exceeds twice the larger
-    seed-to-seed standard deviation."""
+    seed-to-seed standard deviation; the share of the gap closed; whether the answers need the latents; whether the
+    students had levelled off; whether the seeds varied the runs."""
     methods = results["methods"]
     lavit, naive = methods["lavit"], methods["naive_sft"]
     n = lavit["accuracy"]["n"]
     lines = []
+    clear_accuracy = False
     for key, label, unit in (("accuracy", "test accuracy", " points"),
                              ("s_focus", "S_focus (attention on the key object's cell)", "")):
         d = results["lavit_minus_naive"][key]
@@ -689,10 +884,42 @@ def verdict(results: dict) -> list[str]:
             outcome = "tied with"
         else:
             outcome = "beat" if d > 0 else "did not beat"
-        clear = "larger than" if abs(d) > 2 * spread and abs(d) >= 1e-9 else "within"
+        clear = abs(d) > 2 * spread and abs(d) >= 1e-9
+        if key == "accuracy":
+            clear_accuracy = clear and d > 0
         lines.append(f"- On {label}, LaViT {outcome} Naive SFT here: {lavit[key]['mean']:.3f} against "
-                     f"{naive[key]['mean']:.3f}, a difference of {d:+.3f}{unit}, {clear} twice the larger seed-to-seed "
-                     f"standard deviation ({spread:.3f}) over {n} seeds.")
+                     f"{naive[key]['mean']:.3f}, a difference of {d:+.3f}{unit}, "
+                     f"{'larger than' if clear else 'within'} twice the larger seed-to-seed standard deviation "
+                     f"({spread:.3f}) over {n} seeds.")
+    share = results.get("gap_closed") or {}
+    teacher = methods["teacher"]["accuracy"]["mean"]
+    if share.get("mean") is not None:
+        lines.append(f"- Of the gap between Naive SFT ({naive['accuracy']['mean']:.1f}%) and the teacher "
+                     f"({teacher:.1f}%), LaViT closes {100 * share['mean']:.0f}% ± {100 * share['std']:.0f}% (per seed: "
+                     + ", ".join(f"{100 * v:.0f}%" for v in share["values"]) + ").")
+    drop = results.get("shuffled_drop") or {}
+    if drop.get("mean") is not None:
+        needed = drop["mean"] >= 15.0
+        lines.append(f"- Swapping LaViT's latent states between samples costs it {drop['mean']:.1f} ± {drop['std']:.1f} "
+                     "points of test accuracy: "
+                     + ("its answers read the latent tokens of their own image (at least 15 points)." if needed else
+                        "less than 15 points, so its answers do not depend much on the content of its latent tokens."))
+        if clear_accuracy and needed:
+            lines.append("- Both conditions of the demo's goal hold: LaViT ahead of Naive SFT by more than twice the "
+                         "larger seed spread, and its latent tokens necessary.")
+    curves = results.get("val_curves") or {}
+    for method, label in (("naive_sft", "Naive SFT"), ("lavit", "LaViT")):
+        curve = curves.get(method) or []
+        if len(curve) >= 2:
+            last, before = curve[-1]["val_accuracy"]["mean"], curve[-2]["val_accuracy"]["mean"]
+            lines.append(f"- {label} on validation: {before:.1f}% at step {curve[-2]['step']}, {last:.1f}% at step "
+                         f"{curve[-1]['step']}: " + ("still rising at the end of training; more steps may move it."
+                                                     if last - before > 2.0 else "levelled off."))
+    for method, label in (("naive_sft", "Naive SFT"), ("lavit", "LaViT")):
+        runs = (results.get("per_seed") or {}).get(method) or []
+        if len(runs) > 1 and len({(r["test_accuracy"], r["final_train_loss"]) for r in runs}) == 1:
+            lines.append(f"- {label}'s {len(runs)} seeds gave the same run (accuracy and final loss): its spread "
+                         "says nothing about seed-to-seed variation.")
     chance = 100.0 / 4
     at_chance = [name for name, row in (("Naive SFT", naive), ("LaViT", lavit))
                  if row["accuracy"]["mean"] is not None and abs(row["accuracy"]["mean"] - chance) <= 5.0]
@@ -721,6 +948,24 @@ def results_table(methods: dict) -> list[str]:
         lines.append(f"| {name} | {fmt(row['accuracy'])} | {fmt(row['s_focus'], digits=3)} | "
                      f"{fmt(row['entropy'], digits=3)} | {fmt(row['salient_regions'], digits=2)} | "
                      f"{fmt(row['salient_regions_cv'], digits=3)} |")
+    return lines
+
+
+def curves_table(curves: dict) -> list[str]:
+    """The students' validation accuracy along training (mean ± std over seeds): the sweep of step counts."""
+    steps = sorted({p["step"] for curve in curves.values() for p in curve})
+    at = {method: {p["step"]: p["val_accuracy"] for p in curve} for method, curve in curves.items()}
+    lines = ["| step | Naive SFT (%) | LaViT (%) |", "|---|---|---|"]
+    lines += [f"| {step} | {fmt(at.get('naive_sft', {}).get(step))} | {fmt(at.get('lavit', {}).get(step))} |"
+              for step in steps]
+    return lines
+
+
+def modes_table(methods: dict) -> list[str]:
+    lines = ["| mode | what the answer sees | accuracy (%) |", "|---|---|---|"]
+    for mode in LATENT_MODES:
+        stat = methods["lavit" if mode == "forced" else f"lavit [{mode}]"]["accuracy"]
+        lines.append(f"| {mode} | {LATENT_MODE_MEANING[mode]} | {fmt(stat)} |")
     return lines
 
 
@@ -764,6 +1009,13 @@ def render_report(results: dict) -> str:
         f"read from its {d['query_rows'].replace('_', ' ')} rows) and kept {d['kept']} "
         f"(rejected as {', '.join(f'{k}: {v}' for k, v in sorted(d['rejected'].items())) or 'nothing'}; inputs "
         f"skipped: {d['skipped']}). Both students train on the kept samples only.", "",
+        f"Each student trains {results['settings']['student_steps']} steps (batch "
+        f"{results['settings']['student_batch_size']}, learning rate {results['settings']['student_lr']:g}, cosine) "
+        f"on those samples, with {results['settings']['seeds']} seeds per method (a seed sets the order of the "
+        "samples). LaViT's trajectory loss reads its latent tokens' attention from the layers "
+        f"`{results['settings']['latent_attention_layers']}` (in the first layer a latent token's query depends on "
+        "its own embedding only, so it cannot look at the object a question names there); the sensory gate opens "
+        f"over the first {100 * results['settings']['gate_warmup_fraction']:.0f}% of the steps.", "",
         "## Results on the test split", "",
         *results_table(m),
     ]
@@ -771,28 +1023,47 @@ def render_report(results: dict) -> str:
               "attention (averaged over heads, layers and text rows) that falls in the key object's cell, read from "
               f"the same text rows as the teacher's gaze ({results['dataset']['query_rows'].replace('_', ' ')}, "
               "each model's own greedy answer), or for the last row from the latent tokens. Entropy, salient "
-              "regions and their coefficient of variation as in Table 2 of the paper. Mean ± standard deviation over seeds.", "",
-              "LaViT at inference with its latent tokens changed (accuracy %, mean ± std over seeds):", "",
-              "| mode | accuracy (%) |", "|---|---|"]
-    lines.append(f"| forced (default) | {fmt(m['lavit']['accuracy'])} |")
-    for mode in ("none", "masked", "zeroed", "shuffled"):
-        lines.append(f"| {mode} | {fmt(m[f'lavit [{mode}]']['accuracy'])} |")
+              "regions and their coefficient of variation as in Table 2 of the paper. Mean ± standard deviation over "
+              "seeds. Per seed (test accuracy %): Naive SFT "
+              + ", ".join(f"{r['test_accuracy']:.1f}" for r in results["per_seed"]["naive_sft"]) + "; LaViT "
+              + ", ".join(f"{r['test_accuracy']:.1f}" for r in results["per_seed"]["lavit"]) + ".", "",
+              "### LaViT with its latent tokens changed at inference", "",
+              *modes_table(m)]
     ablations = [k for k in m if k.startswith("ablation: ")]
     if ablations:
-        lines += ["", "| ablation (one seed) | accuracy (%) |", "|---|---|"]
-        lines += [f"| {k[len('ablation: '):]} | {fmt(m[k]['accuracy'])} |" for k in ablations]
+        lines += ["", "### Table 3 ablations (one seed each, same steps and data)", "",
+                  "| run | accuracy (%) | latents shuffled (%) |", "|---|---|---|",
+                  f"| full method (seed 0) | {m['lavit']['accuracy']['values'][0]:.1f} | "
+                  f"{m['lavit [shuffled]']['accuracy']['values'][0]:.1f} |"]
+        lines += [f"| {k[len('ablation: '):]} | {fmt(m[k]['accuracy'])} | {fmt(m[k]['shuffled'])} |"
+                  for k in ablations]
+    curves = results.get("val_curves") or {}
+    if any(curves.values()):
+        lines += ["", "## Validation accuracy along training", "",
+                  "Each student's accuracy on the validation split during its training (mean ± std over seeds): the "
+                  "sweep the step count was chosen from, and whether either student was still improving when it "
+                  "stopped.", "", *curves_table(curves)]
     lines += ["", "## Verdict", ""] + verdict(results) + [
         "",
         "What this does and does not say: it is one synthetic task, tiny models trained from scratch on a CPU (the "
         "teacher helped by a grounding loss, the student base by a brief pre-training), "
-        f"{size_note(results['parameters'])} and a few hundred student steps. It shows the whole method running end "
-        "to end and "
-        "how the two students compare in this regime; it does not test the paper's claims about 3B students "
-        "distilled from a 32B teacher on LaViT-15K, whose effects can be larger, smaller or absent at that scale.",
+        f"{size_note(results['parameters'])} and {results['dataset']['kept']} distillation samples. It shows the whole method "
+        "running end to end and how the two students compare in this regime; it does not test the paper's claims "
+        "about 3B students distilled from a 32B teacher on LaViT-15K, whose effects can be larger, smaller or absent "
+        "at that scale.",
         "",
         "## Figures", "",
     ]
-    lines += [f"- [{Path(f).name}]({f})" for f in results["figures"]]
+    figure_notes = {
+        "figure2_accuracy_vs_focus.png": "accuracy of the test answers whose S_focus exceeds a threshold, for the "
+                                         "student base, Naive SFT and LaViT (seeds pooled)",
+        "figure3_perception_gap.png": "per word category of the answers, how far Naive SFT's and LaViT's image "
+                                      "attention and hidden states are from the teacher's (seed 0; the answers are "
+                                      "option letters, so some categories hold no tokens)",
+        "figure4_entropy.png": "entropy of each model's image attention while answering",
+        "figure5_heatmaps.png": "where each model looks on three test images (the key object boxed)",
+    }
+    lines += [f"- [{Path(f).name}]({f}): {figure_notes.get(Path(f).name, '')}" for f in results["figures"]]
     lines += ["", "## Stage times (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["stage_seconds"].items()]
     return "\n".join(lines) + "\n"
@@ -801,11 +1072,26 @@ def render_report(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def setup_logging(root: Path) -> None:
+    """Stage lines on the console; those and every Trainer log dict in `<output>/run.log`."""
+    root.mkdir(parents=True, exist_ok=True)
+    console = logging.StreamHandler()
+    console.setLevel(logging.INFO)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logfile = logging.FileHandler(root / "run.log", encoding="utf-8")
+    logfile.setLevel(logging.DEBUG)
+    logfile.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    for logger in (log, train_log):
+        logger.setLevel(logging.DEBUG)
+    logging.basicConfig(level=logging.INFO, handlers=[console, logfile], force=True)
     for noisy in ("transformers", "datasets", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    root = Path(args.output_dir)
+    setup_logging(root)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -815,7 +1101,6 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     random.seed(args.seed)
-    root = Path(args.output_dir)
     check_settings(root, args)
     stages = Stages(root)
     results = {}
@@ -824,17 +1109,21 @@ def main(argv=None) -> None:
     results["teacher"] = stages.run("teacher", stage_teacher, args, root, results["task"], results["models"])
     results["student"] = stages.run("student", stage_student, args, root, results["task"], results["models"])
     results["dataset"] = stages.run("dataset", stage_dataset, args, root, results["task"], results["teacher"])
-    results["students"] = stages.run("students", stage_students, args, root, results["student"], results["dataset"])
+    results["students"] = stages.run("students", stage_students, args, root, results["student"], results["dataset"],
+                                     results["task"])
     results["evaluate"] = stages.run("evaluate", stage_evaluate, args, root, results["task"], results["models"],
                                      results["teacher"], results["student"], results["students"])
     results["analysis"] = stages.run("analysis", stage_analysis, args, root, results["task"], results["models"],
                                      results["teacher"], results["student"], results["students"], results["dataset"])
+    if args.ablations or (root / "stages" / "ablations.json").exists():
+        results["ablations"] = stages.run("ablations", stage_ablations, args, root, results["student"],
+                                          results["dataset"], results["task"])
     summary = summarise(args, results)
     (root / "results.json").write_text(json.dumps(summary, indent=2))
     report = render_report(summary)
     (root / "report.md").write_text(report)
     print(report)
-    print(f"Report: {root / 'report.md'}; numbers: {root / 'results.json'}")
+    print(f"Report: {root / 'report.md'}; numbers: {root / 'results.json'}; log: {root / 'run.log'}")
 
 
 if __name__ == "__main__":

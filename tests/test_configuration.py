@@ -67,7 +67,10 @@ def test_round_trip(tmp_path):
         (dict(teacher_hidden_size=0), "teacher_hidden_size must be positive"),
         (dict(concept_head_hidden_size=-1), "concept_head_hidden_size must be positive"),
         (dict(gate_scope="question"), "gate_scope must be one of"),
-        (dict(latent_attention_layers="last"), "'all' or a list"),
+        (dict(latent_attention_layers="first"), "must be one of .*'last_<n>'"),
+        (dict(latent_attention_layers="last_0"), r"names no layer; use .last_<n>. with n >= 1"),
+        (dict(latent_attention_layers="last_4"), r"last 4 layers of a 3-layer"),
+        (dict(latent_attention_layers=2), "a name .* or a list of layer"),
         (dict(latent_attention_layers=[]), "empty list"),
         (dict(latent_attention_layers=[0, 3]), r"\[3\] are outside \[0, 3\)"),
         (dict(latent_attention_layers=[0.5]), "integer layer indices"),
@@ -79,3 +82,22 @@ def test_invalid_fields_raise_with_a_fix(overrides, message):
         return
     with pytest.raises(ValueError, match=message):
         LavitConfig(**TINY, **overrides)
+
+
+@pytest.mark.parametrize(
+    "layers, expected",
+    [("all", [0, 1, 2]), ("last_half", [1, 2]), ("last", [2]), ("last_2", [1, 2]), ("last_3", [0, 1, 2]),
+     ([2, 0, 2], [0, 2])],
+)
+def test_latent_attention_layers_named_and_relative_forms(layers, expected):
+    config = LavitConfig(**TINY, latent_attention_layers=layers)
+    assert config.latent_layer_indices() == expected
+    # the relative forms follow the depth: the same name on a deeper model names its own last layers
+    from configuration_lavit import resolve_latent_layers
+
+    assert resolve_latent_layers("last_half", 36) == list(range(18, 36))
+    assert resolve_latent_layers("last_half", 2) == [1]
+    assert resolve_latent_layers("last_4", 36) == [32, 33, 34, 35]
+    # and survive a save/load round trip as written
+    assert LavitConfig.from_dict(config.to_dict()).latent_attention_layers == layers
+

@@ -160,7 +160,7 @@ def reference_latent_attention(model, inputs, layers):
     return results
 
 
-@pytest.mark.parametrize("layers", ["all", [1]])
+@pytest.mark.parametrize("layers", ["all", [1], "last", "last_half"])
 def test_latent_image_attention_matches_eager(lavit_dir, processor, two_images, layers):
     from modeling_lavit import LavitForConditionalGeneration
 
@@ -168,7 +168,10 @@ def test_latent_image_attention_matches_eager(lavit_dir, processor, two_images, 
     inputs = batch_inputs(processor, two_images)
     with torch.no_grad():
         out = model(**inputs, output_latent_attention=True)
-    layer_ids = list(range(model.config.text_config.num_hidden_layers)) if layers == "all" else layers
+    depth = model.config.text_config.num_hidden_layers
+    assert depth >= 2  # so that "last" and "last_half" differ from "all"
+    named = {"all": list(range(depth)), "last": [depth - 1], "last_half": list(range(depth // 2, depth))}
+    layer_ids = named[layers] if isinstance(layers, str) else layers
     expected = reference_latent_attention(model, inputs, layer_ids)
     assert out.latent_image_attention.shape == (2, 4, int(out.image_token_mask.sum(1).max()))
     for b, ref in enumerate(expected):

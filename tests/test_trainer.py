@@ -383,6 +383,8 @@ def test_reentrant_checkpointing_is_refused(tmp_path):
         ("trajectory_target_tokens", "first", "trajectory_target_tokens must be one of"),
         ("trajectory_topk", 0, "trajectory_topk must be >= 1"),
         ("remove_unused_columns", True, "remove_unused_columns must be False"),
+        ("latent_attention_layers", "middle", "latent_attention_layers must be one of"),
+        ("latent_attention_layers", "last_0", "names no layer"),
     ],
 )
 def test_config_errors(tmp_path, field, value, message):
@@ -397,3 +399,23 @@ def test_a_stock_model_is_refused(tiny_base_dir, processor, tmp_path):
         LavitSFTTrainer(model=Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_base_dir),
                         args=tiny_args(tmp_path, distill=False), train_dataset=lavit15k_dataset(4, TEACHER_WIDTH),
                         processing_class=processor)
+
+
+@pytest.mark.parametrize("setting, expected", [("last", [1]), ("last_half", [1]), ("0", [0]), ("0,1", [0, 1])])
+def test_the_trainer_sets_the_layers_l_traj_reads(lavit_dir, processor, tmp_path, setting, expected):
+    model = LavitForConditionalGeneration.from_pretrained(lavit_dir)
+    assert model.config.latent_attention_layers == "all" and model.config.text_config.num_hidden_layers == 2
+    LavitSFTTrainer(model=model, args=tiny_args(tmp_path, latent_attention_layers=setting),
+                    train_dataset=lavit15k_dataset(4, TEACHER_WIDTH), processing_class=processor)
+    assert model.config.latent_layer_indices() == expected
+    model.save_pretrained(tmp_path / "saved")  # the setting travels with the trained model
+    assert LavitForConditionalGeneration.from_pretrained(tmp_path / "saved").config.latent_layer_indices() == expected
+
+
+def test_a_layer_setting_deeper_than_the_student_is_refused(lavit_dir, processor, tmp_path):
+    model = LavitForConditionalGeneration.from_pretrained(lavit_dir)
+    with pytest.raises(ValueError, match="last 3 layers of a 2-layer text model"):
+        LavitSFTTrainer(model=model, args=tiny_args(tmp_path, latent_attention_layers="last_3"),
+                        train_dataset=lavit15k_dataset(4, TEACHER_WIDTH), processing_class=processor)
+    assert model.config.latent_attention_layers == "all"  # left as it was
+
