@@ -9,7 +9,8 @@ every run goes to RESULTS.md with --write-results.
         --runs naive_sft:750:all:0 lavit:750:all:0 lavit:750:last_half:0 [--write-results]
 
 A run is `method:steps:layers:seed[:key=value,...]`: method `naive_sft` or `lavit`, the student steps, the layers
-L_traj reads (`--latent-attention-layers`), the seed, and optionally `student_lr`, `student_batch_size`,
+L_traj reads (`--latent-attention-layers`), the seed, and optionally `student_lr` (the run's learning rate, either
+method; otherwise the run's own `--student-lr` for LaViT and `--naive-lr` for Naive SFT), `student_batch_size`,
 `gate_warmup_fraction`, `every` (validation interval) or a `LavitSFTConfig` loss setting (`trajectory_loss_coef`,
 `concept_loss_coef`, `trajectory_topk`).
 """
@@ -46,13 +47,16 @@ def parse_run(spec: str, run_dir: str, output_dir: str) -> tuple[argparse.Namesp
     settings = json.loads(Path(run_dir, "settings.json").read_text())
     argv = ["--output-dir", output_dir, "--student-steps", steps, "--latent-attention-layers", layers,
             "--student-eval-every", extra.pop("every", "250"),
-            "--student-lr", str(settings["student_lr"]), "--student-batch-size", str(settings["student_batch_size"]),
+            "--student-lr", str(settings["student_lr"]), "--naive-lr", str(settings.get("naive_lr", settings["student_lr"])),
+            "--student-batch-size", str(settings["student_batch_size"]),
             "--gate-warmup-fraction", str(settings.get("gate_warmup_fraction", 0.4)),
             "--text-layers", str(settings["text_layers"])]
     args = quickstart.parse_args(argv)
     overrides = {"distill": False} if method == "naive_sft" else {}
     for key, value in extra.items():
-        if key in RUN_SETTINGS:
+        if key == "student_lr":  # the learning rate of this run's method
+            args.student_lr = args.naive_lr = float(value)
+        elif key in RUN_SETTINGS:
             setattr(args, key, RUN_SETTINGS[key](value))
         elif key in TRAINER_SETTINGS:
             overrides[key] = TRAINER_SETTINGS[key](value)
@@ -75,6 +79,8 @@ def main(argv=None) -> None:
     parser.add_argument("--run", required=True, help="a finished quickstart output folder (its dataset and base)")
     parser.add_argument("--output-dir", required=True, help="where the sweep's students and sweep.jsonl go")
     parser.add_argument("--runs", nargs="+", required=True, help="method:steps:layers:seed[:key=value,...]")
+    parser.add_argument("--note", default="", help="a sentence on the run the sweep used, for RESULTS.md")
+    parser.add_argument("--title", default="", help="a name for this sweep's section of RESULTS.md")
     parser.add_argument("--write-results", action="store_true", help="store the table in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     stages = {}
@@ -113,9 +119,10 @@ def main(argv=None) -> None:
                       "final_loss": info["final_loss"]}
         with log_path.open("a") as f:
             f.write(json.dumps(done[spec]) + "\n")
-    body = (f"Students of the run in `{Path(args.run).name}` (its kept samples and student base), validation split "
-            "only, trained by the quickstart's own `train_student`:\n\n" + table([done[s] for s, *_ in plans]))
-    report("sweep_students.py", SECTION, body, args.write_results)
+    body = (f"Students trained by the quickstart's own `train_student` on the kept samples and from the student base "
+            f"of a finished run, validation split only (the layers field is unused by naive_sft). {args.note}\n\n"
+            + table([done[s] for s, *_ in plans]))
+    report("sweep_students.py", f"{SECTION}{': ' + args.title if args.title else ''}", body, args.write_results)
 
 
 if __name__ == "__main__":

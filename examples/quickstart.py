@@ -267,7 +267,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--teacher-lr", type=float, default=1e-3)
     parser.add_argument("--teacher-grounding-weight", type=float, default=1.0,
                         help="weight of the teacher's grounding loss (GroundedSFTTrainer below); 0: plain SFT")
-    parser.add_argument("--student-lr", type=float, default=1e-3)
+    parser.add_argument("--student-lr", type=float, default=1e-3,
+                        help="learning rate of LaViT (and its ablations) and of the student base's pre-training")
+    parser.add_argument("--naive-lr", type=float, default=5e-4,
+                        help="learning rate of Naive SFT, chosen on validation like LaViT's (at 1e-3 one of three "
+                             "Naive-SFT seeds collapsed to a single answer; see benchmarks/RESULTS.md)")
     parser.add_argument("--student-pretrain-steps", type=int, default=400,
                         help="steps of pre-training the student base on scenes whose objects all have the asked size "
                              "(perception without the look-up; the paper's students are pretrained too); 0: none")
@@ -299,6 +303,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         resolve_latent_layers(parse_latent_layers(args.latent_attention_layers), args.text_layers)
     except ValueError as err:
         parser.error(f"--latent-attention-layers: {err}")
+    for name in ("student_lr", "naive_lr", "teacher_lr"):
+        if not 0 < getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must lie in (0, 1), got {getattr(args, name)}.")
     if not 0 <= args.gate_warmup_fraction <= 1:
         parser.error(f"--gate-warmup-fraction must lie in [0, 1], got {args.gate_warmup_fraction}.")
     for name in ("seeds", "student_steps", "student_eval_every", "teacher_steps", "teacher_eval_every"):
@@ -534,8 +541,13 @@ def stage_dataset(args, root: Path, paths: dict, teacher: dict) -> dict:
             "(--teacher-steps) or relax the filter (--filter-stages, --focus-threshold), then delete "
             f"{out} and {Path(out).parent / 'stages' / 'dataset.json'} if present and rerun."
         )
+    from collections import Counter
+
+    from data_lavit import load_lavit_dataset
+
+    answers = Counter(load_lavit_dataset(out, "kept").select_columns(["answer"])["answer"])
     return {"dataset": out, "filter_stages": list(args.filter_stages), "focus_threshold": args.focus_threshold,
-            "query_rows": args.query_rows, **summary}
+            "query_rows": args.query_rows, "kept_answers": dict(sorted(answers.items())), **summary}
 
 
 def train_student(args, root: Path, name: str, student_dir: str, dataset_dir: str, val_mmvp: str, seed: int,
@@ -558,7 +570,8 @@ def train_student(args, root: Path, name: str, student_dir: str, dataset_dir: st
         args.student_eval_every,
         lambda m: accuracy(m, processor, val, str(out / "run" / "val_predictions.jsonl"), mode=mode)["accuracy"],
         name=f"{name} seed {seed}")
-    config = cpu_config(out / "run", args.student_steps, args.student_batch_size, args.student_lr, seed,
+    lr = args.student_lr if distill else args.naive_lr
+    config = cpu_config(out / "run", args.student_steps, args.student_batch_size, lr, seed,
                         max(1, args.student_steps // 20), data_seed=seed,
                         **{"gate_warmup_steps": max(1, int(args.gate_warmup_fraction * args.student_steps)),
                            **overrides})
@@ -837,8 +850,9 @@ def summarise(args, stages: dict) -> dict:
         "student_pretrain": stages["student"].get("pretrain"),
         "parameters": {"teacher": stages["models"]["teacher_base_parameters"],
                        "student": stages["models"]["student_base_parameters"]},
-        "dataset": {k: stages["dataset"][k] for k in ("processed", "kept", "rejected", "skipped", "filter_stages",
-                                                       "focus_threshold", "query_rows")},
+        "dataset": {**{k: stages["dataset"][k] for k in ("processed", "kept", "rejected", "skipped", "filter_stages",
+                                                          "focus_threshold", "query_rows")},
+                    "kept_answers": stages["dataset"].get("kept_answers")},
         "methods": methods,
         "per_seed": {method: [{"seed": s, "test_accuracy": per_seed[method][s],
                                "final_train_loss": runs[f"{method}-seed{s}"]["final_loss"]} for s in seeds]
@@ -1008,9 +1022,15 @@ def render_report(results: dict) -> str:
         f"{', '.join(d['filter_stages']) or 'none'} (S_focus threshold {d['focus_threshold']}, the teacher's gaze "
         f"read from its {d['query_rows'].replace('_', ' ')} rows) and kept {d['kept']} "
         f"(rejected as {', '.join(f'{k}: {v}' for k, v in sorted(d['rejected'].items())) or 'nothing'}; inputs "
-        f"skipped: {d['skipped']}). Both students train on the kept samples only.", "",
+        f"skipped: {d['skipped']}). Both students train on the kept samples only"
+        + (". Their answers by option: " + ", ".join(f"{k} {v}" for k, v in d["kept_answers"].items())
+           + " (the difficulty stage drops what the teacher answers right without the image, so the option it guesses "
+             "blind is rare among the kept samples; validation and test stay balanced)." if d.get("kept_answers")
+           else "."), "",
         f"Each student trains {results['settings']['student_steps']} steps (batch "
-        f"{results['settings']['student_batch_size']}, learning rate {results['settings']['student_lr']:g}, cosine) "
+        f"{results['settings']['student_batch_size']}, cosine schedule; learning rate "
+        f"{results['settings']['student_lr']:g} for LaViT and {results['settings']['naive_lr']:g} for Naive SFT, each "
+        "chosen on validation) "
         f"on those samples, with {results['settings']['seeds']} seeds per method (a seed sets the order of the "
         "samples). LaViT's trajectory loss reads its latent tokens' attention from the layers "
         f"`{results['settings']['latent_attention_layers']}` (in the first layer a latent token's query depends on "

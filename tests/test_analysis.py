@@ -192,7 +192,7 @@ def test_example_writes_every_figure_and_consistent_tables(tiny_base_dir, lavit_
         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    expected_sizes = {"figure2_accuracy_vs_focus.png": (500, 350), "figure3_perception_gap.png": (700, 320),
+    expected_sizes = {"figure2_accuracy_vs_focus.png": (600, 380), "figure3_perception_gap.png": (800, 340),
                       "figure4_entropy.png": (500, 350), "figure5_heatmaps.png": (780, 780)}
     assert sorted(report["figures"]) == sorted(expected_sizes)
     for name, size in expected_sizes.items():

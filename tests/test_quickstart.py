@@ -194,8 +194,12 @@ def test_quickstart_smoke_writes_everything_and_resumes(tmp_path):
     with pytest.raises(SystemExit, match="smoke"):
         record_quickstart.body_of(results)
     body = record_quickstart.body_of({**results, "smoke": False})
-    for stage, seconds in results["stage_seconds"].items():
-        assert f"| {stage} | {seconds:.1f} |" in body
+    seconds = dict(results["stage_seconds"])
+    ablations = seconds.pop("ablations")
+    for stage, value in seconds.items():
+        assert f"| {stage} | {value:.1f} |" in body
+    assert f"| total (make demo) | {sum(seconds.values()):.1f} |" in body  # the ablations kept apart
+    assert f"not part of make demo) | {ablations:.1f} |" in body
     lavit_row = next(line for line in body.splitlines() if line.startswith("| lavit |"))
     assert lavit_row.split("|")[2].strip() == row_cell(report, "lavit")
     stamps = {p: p.stat().st_mtime for p in (out / "students").rglob("model.safetensors")}
@@ -219,6 +223,7 @@ def test_quickstart_smoke_writes_everything_and_resumes(tmp_path):
      (["--latent-attention-layers", "last_3"], "last 3 layers of a 2-layer"),
      (["--latent-attention-layers", "0,5"], r"\[5\] are outside \[0, 2\)"),
      (["--student-steps", "0"], "--student-steps must be at least 1"),
+     (["--naive-lr", "0"], r"--naive-lr must lie in \(0, 1\)"),
      (["--gate-warmup-fraction", "1.5"], "must lie in \\[0, 1\\]")],
 )
 def test_quickstart_refuses_bad_settings_before_running(tmp_path, flags, message, capsys):
@@ -342,10 +347,10 @@ def test_the_sweep_reads_its_runs_and_refuses_bad_ones(tmp_path):
     args, overrides, seed = sweep_students.parse_run("lavit:750:last:1:trajectory_loss_coef=1,every=50", str(run),
                                                      str(tmp_path / "out"))
     assert (args.student_steps, args.latent_attention_layers, args.student_eval_every, seed) == (750, "last", 50, 1)
-    assert (args.student_lr, args.student_batch_size) == (2e-3, 8)  # the run's own settings
+    assert (args.student_lr, args.naive_lr, args.student_batch_size) == (2e-3, 2e-3, 8)  # the run's own settings
     assert overrides == {"trajectory_loss_coef": 1.0}
-    _, overrides, _ = sweep_students.parse_run("naive_sft:10:all:0", str(run), str(tmp_path / "out"))
-    assert overrides == {"distill": False}
+    args, overrides, _ = sweep_students.parse_run("naive_sft:10:all:0:student_lr=5e-4", str(run), str(tmp_path / "out"))
+    assert overrides == {"distill": False} and args.naive_lr == 5e-4
     for spec, message in (("lavit:750:all", "method:steps:layers:seed"), ("dpo:750:all:0", "naive_sft or lavit"),
                           ("lavit:750:all:0:warmup=3", "unknown setting 'warmup'")):
         with pytest.raises(ValueError, match=message):
