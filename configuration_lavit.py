@@ -140,9 +140,17 @@ class LavitConfig(Qwen2_5_VLConfig):
 
 def parse_latent_layers(value):
     """A `latent_attention_layers` value as written on a command line: `"2,3"` becomes `[2, 3]`, a name stays as it
-    is (checked by `resolve_latent_layers`)."""
+    is; a string that is neither raises a `ValueError` (the depth is checked by `resolve_latent_layers`)."""
     if isinstance(value, str) and value and all(part.strip().isdigit() for part in value.split(",")):
         return [int(part) for part in value.split(",")]
+    if isinstance(value, str) and value not in LATENT_LAYER_NAMES and not (
+            value.startswith("last_") and value[len("last_"):].isdigit()):
+        raise ValueError(
+            f"latent_attention_layers must be one of {LATENT_LAYER_NAMES}, 'last_<n>' (e.g. 'last_4') or "
+            f"comma-separated layer indices (e.g. '2,3'), got {value!r}."
+        )
+    if isinstance(value, str) and value[len("last_"):].isdigit() and int(value[len("last_"):]) < 1:
+        raise ValueError(f"latent_attention_layers={value!r} names no layer; use 'last_<n>' with n >= 1, or 'all'.")
     return value
 
 

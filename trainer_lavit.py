@@ -185,7 +185,10 @@ class LavitSFTConfig(SFTConfig):
         trajectory_topk (`int`, *optional*, defaults to `8`):
             k of the top-k sparsification of the trajectory target.
         distill (`bool`, *optional*, defaults to `True`):
-            `False` trains the Naive-SFT baseline: the same data, text-only supervision, no latent tokens.
+            `False` trains the Naive-SFT baseline: the same data, text-only supervision, no latent tokens. With
+            `distill=False` or `concept_loss_coef=0` the trainer freezes the concept head, which no loss reaches
+            then, so that DDP (which the Trainer runs without looking for unused parameters when activation
+            checkpointing is on) does not stop at the second step.
         freeze_vision_tower (`bool`, *optional*, defaults to `True`):
             Whether the vision encoder is frozen (the language model is trained).
         response_column (`str`, *optional*, defaults to `"answer"`):
@@ -287,9 +290,7 @@ class LavitSFTConfig(SFTConfig):
                 "remove_unused_columns must be False: the LaViT collator reads the image, question and teacher columns."
             )
         if self.latent_attention_layers is not None:
-            layers = parse_latent_layers(self.latent_attention_layers)
-            if isinstance(layers, str):  # the form here; the depth against the model, in the trainer
-                resolve_latent_layers(layers, 1 << 16)
+            parse_latent_layers(self.latent_attention_layers)  # the form here; the depth against the model, later
         if self.cuts_trajectory_gradients():
             raise ValueError(
                 "Reentrant gradient checkpointing (use_reentrant=True) silently cuts the gradients of the latent "
@@ -429,14 +430,21 @@ class LavitSFTTrainer(SFTTrainer):
         processing_class.check_model(lavit.config)
         if args.latent_attention_layers is not None:
             layers = parse_latent_layers(args.latent_attention_layers)
-            resolve_latent_layers(layers, lavit.config.text_config.num_hidden_layers)  # a ValueError naming the fix
-            lavit.config.latent_attention_layers = layers
+            indices = resolve_latent_layers(layers, lavit.config.text_config.num_hidden_layers)  # names the fix
+            # "all" or the indices: what every version of the configuration reads (a checkpoint's remote code may
+            # predate the relative forms)
+            lavit.config.latent_attention_layers = "all" if layers == "all" else indices
         if train_dataset is not None:
             self._check_columns(train_dataset, args, "train")
         for name, eval_set in _named(kwargs.get("eval_dataset")):
             self._check_columns(eval_set, args, name)
         if args.freeze_vision_tower:
             lavit.model.visual.requires_grad_(False)
+        if not (args.distill and args.concept_loss_coef > 0):
+            # No loss reaches the concept head here (Naive SFT, "w/o semantic reconstruction"): a trainable parameter
+            # without a gradient stops DDP at the second step when it does not look for unused parameters (the
+            # Trainer's choice under activation checkpointing), so the head is frozen; it is saved unchanged.
+            lavit.concept_head.requires_grad_(False)
         if data_collator is None:
             data_collator = LavitDataCollator(
                 processing_class,

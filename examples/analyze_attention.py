@@ -85,8 +85,7 @@ def main(argv=None) -> None:
     wrong = [r["s_focus"] for r in focus if not r["correct"]]
     report["figure2"] = {"curve": curve, "mean_focus_correct": float(np.mean(right)) if right else None,
                          "mean_focus_incorrect": float(np.mean(wrong)) if wrong else None, "samples": len(focus)}
-    plot_focus_curve(curve, report["figure2"]["mean_focus_correct"] or float("nan"),
-                     report["figure2"]["mean_focus_incorrect"] or float("nan"),
+    plot_focus_curve(curve, report["figure2"]["mean_focus_correct"], report["figure2"]["mean_focus_incorrect"],
                      os.path.join(args.output_dir, "figure2_accuracy_vs_focus.png"))
     report["figures"].append("figure2_accuracy_vs_focus.png")
 

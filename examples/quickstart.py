@@ -35,7 +35,7 @@ import synthetic_grounding as task  # noqa: E402
 from configuration_lavit import parse_latent_layers, resolve_latent_layers  # noqa: E402
 from data_lavit import box_to_token_mask, merged_token_grids, write_json_atomic  # noqa: E402
 from modeling_lavit import LavitAttentionControl, image_attention_capture, trajectory_loss  # noqa: E402
-from trainer_lavit import LavitDataCollator, LavitSFTTrainer  # noqa: E402
+from trainer_lavit import LavitDataCollator, LavitSFTTrainer, unwrap_lavit  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 log = logging.getLogger("quickstart")
@@ -220,12 +220,13 @@ class ValidationCurve(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every and state.global_step != state.max_steps:
             return
-        gate = model.sensory_gate.item()
-        model.set_sensory_gate(1.0)
-        model.eval()
-        accuracy = self.evaluate(model)
-        model.train()
-        model.set_sensory_gate(gate)
+        lavit = unwrap_lavit(model)
+        gate = lavit.sensory_gate.item()
+        lavit.set_sensory_gate(1.0)
+        lavit.eval()
+        accuracy = self.evaluate(lavit)
+        lavit.train()
+        lavit.set_sensory_gate(gate)
         self.curve.append({"step": state.global_step, "val_accuracy": accuracy})
         train_log.debug("%s step %d: validation accuracy %.1f%%", self.name, state.global_step, accuracy)
         if self.target is not None and accuracy >= self.target:
@@ -236,6 +237,10 @@ class ValidationCurve(TrainerCallback):
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
+
+
+# The students' learning rates, chosen on validation (benchmarks/RESULTS.md, the students' validation sweep)
+DEFAULT_LR = {"student_lr": 1e-3, "naive_lr": 5e-4}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -267,9 +272,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--teacher-lr", type=float, default=1e-3)
     parser.add_argument("--teacher-grounding-weight", type=float, default=1.0,
                         help="weight of the teacher's grounding loss (GroundedSFTTrainer below); 0: plain SFT")
-    parser.add_argument("--student-lr", type=float, default=1e-3,
+    parser.add_argument("--student-lr", type=float, default=DEFAULT_LR["student_lr"],
                         help="learning rate of LaViT (and its ablations) and of the student base's pre-training")
-    parser.add_argument("--naive-lr", type=float, default=5e-4,
+    parser.add_argument("--naive-lr", type=float, default=DEFAULT_LR["naive_lr"],
                         help="learning rate of Naive SFT, chosen on validation like LaViT's (at 1e-3 one of three "
                              "Naive-SFT seeds collapsed to a single answer; see benchmarks/RESULTS.md)")
     parser.add_argument("--student-pretrain-steps", type=int, default=400,
@@ -550,6 +555,12 @@ def stage_dataset(args, root: Path, paths: dict, teacher: dict) -> dict:
             "query_rows": args.query_rows, "kept_answers": dict(sorted(answers.items())), **summary}
 
 
+def log_every(steps: int, times: int) -> int:
+    """The largest logging interval that divides `steps` and logs at least `times` times (so that the last step is
+    logged and "final loss" is the last step's)."""
+    return max([d for d in range(1, max(1, steps // times) + 1) if steps % d == 0])
+
+
 def train_student(args, root: Path, name: str, student_dir: str, dataset_dir: str, val_mmvp: str, seed: int,
                   description: str, **overrides) -> dict:
     """One student on the kept samples: Naive SFT (`distill=False` in `overrides`) or LaViT, its latent tokens' image
@@ -572,7 +583,7 @@ def train_student(args, root: Path, name: str, student_dir: str, dataset_dir: st
         name=f"{name} seed {seed}")
     lr = args.student_lr if distill else args.naive_lr
     config = cpu_config(out / "run", args.student_steps, args.student_batch_size, lr, seed,
-                        max(1, args.student_steps // 20), data_seed=seed,
+                        log_every(args.student_steps, 20), data_seed=seed,
                         **{"gate_warmup_steps": max(1, int(args.gate_warmup_fraction * args.student_steps)),
                            **overrides})
     trainer = LavitSFTTrainer(model=model, args=config, callbacks=[validation],
@@ -726,8 +737,10 @@ def stage_analysis(args, root: Path, paths: dict, models: dict, teacher: dict, s
     bar = progress_bar(len(loaded) + 2, "attention analysis", "model")
     for name, (model, processor, model_rows) in loaded.items():
         run = answer_trajectories(model, processor, images, questions, 3, model_rows, batch_size=20)
-        focus[name] = [f for f in focus_of(run["maps"], run["grids"], images, boxes)]
-        correct[name] = [answer_matches(text, s.answer) for text, s in zip(run["answers"], samples)]
+        pairs = [(f, answer_matches(text, s.answer))
+                 for f, text, s in zip(focus_of(run["maps"], run["grids"], images, boxes), run["answers"], samples)
+                 if f is not None]  # a sample without a box has no S_focus
+        focus[name], correct[name] = [f for f, _ in pairs], [c for _, c in pairs]
         per_model[name] = {**attention_statistics(run["maps"]), "s_focus": float(np.mean(focus[name])),
                            "rows": model_rows, "accuracy": 100 * float(np.mean(correct[name]))}
         maps[name], grids[name] = run["maps"], run["grids"]
@@ -859,6 +872,7 @@ def summarise(args, stages: dict) -> dict:
                      for method in per_seed},
         "lavit_minus_naive": {"accuracy": diff("accuracy"), "s_focus": diff("s_focus")},
         "gap_closed": mean_std(shares),
+        "gap_closed_per_seed": shares,
         "shuffled_drop": mean_std(shuffled_drop),
         "val_curves": curves,
         "figure2": stages["analysis"]["figure2"],
@@ -908,9 +922,12 @@ def verdict(results: dict) -> list[str]:
     share = results.get("gap_closed") or {}
     teacher = methods["teacher"]["accuracy"]["mean"]
     if share.get("mean") is not None:
+        per_seed = results.get("gap_closed_per_seed") or share["values"]
         lines.append(f"- Of the gap between Naive SFT ({naive['accuracy']['mean']:.1f}%) and the teacher "
-                     f"({teacher:.1f}%), LaViT closes {100 * share['mean']:.0f}% ± {100 * share['std']:.0f}% (per seed: "
-                     + ", ".join(f"{100 * v:.0f}%" for v in share["values"]) + ").")
+                     f"({teacher:.1f}%), LaViT closes {100 * share['mean']:.0f}% ± {100 * share['std']:.0f}% over "
+                     f"{share['n']} seeds (per seed: "
+                     + ", ".join("n/a (Naive SFT not below the teacher)" if v is None else f"{100 * v:.0f}%"
+                                 for v in per_seed) + ").")
     drop = results.get("shuffled_drop") or {}
     if drop.get("mean") is not None:
         needed = drop["mean"] >= 15.0
@@ -926,9 +943,11 @@ def verdict(results: dict) -> list[str]:
         curve = curves.get(method) or []
         if len(curve) >= 2:
             last, before = curve[-1]["val_accuracy"]["mean"], curve[-2]["val_accuracy"]["mean"]
+            change = last - before
+            trend = ("still rising at the end of training; more steps may move it." if change > 2.0 else
+                     f"fell by {-change:.1f} points at the end of training." if change < -2.0 else "levelled off.")
             lines.append(f"- {label} on validation: {before:.1f}% at step {curve[-2]['step']}, {last:.1f}% at step "
-                         f"{curve[-1]['step']}: " + ("still rising at the end of training; more steps may move it."
-                                                     if last - before > 2.0 else "levelled off."))
+                         f"{curve[-1]['step']}: {trend}")
     for method, label in (("naive_sft", "Naive SFT"), ("lavit", "LaViT")):
         runs = (results.get("per_seed") or {}).get(method) or []
         if len(runs) > 1 and len({(r["test_accuracy"], r["final_train_loss"]) for r in runs}) == 1:
@@ -1024,13 +1043,15 @@ def render_report(results: dict) -> str:
         f"(rejected as {', '.join(f'{k}: {v}' for k, v in sorted(d['rejected'].items())) or 'nothing'}; inputs "
         f"skipped: {d['skipped']}). Both students train on the kept samples only"
         + (". Their answers by option: " + ", ".join(f"{k} {v}" for k, v in d["kept_answers"].items())
-           + " (the difficulty stage drops what the teacher answers right without the image, so the option it guesses "
-             "blind is rare among the kept samples; validation and test stay balanced)." if d.get("kept_answers")
-           else "."), "",
+           + (" (the difficulty stage drops what the teacher answers right without the image, so the option it "
+              "guesses blind is rare among the kept samples; validation and test stay balanced)."
+              if "difficulty" in d["filter_stages"] else " (validation and test are balanced).")
+           if d.get("kept_answers") else "."), "",
         f"Each student trains {results['settings']['student_steps']} steps (batch "
         f"{results['settings']['student_batch_size']}, cosine schedule; learning rate "
-        f"{results['settings']['student_lr']:g} for LaViT and {results['settings']['naive_lr']:g} for Naive SFT, each "
-        "chosen on validation) "
+        f"{results['settings']['student_lr']:g} for LaViT and {results['settings']['naive_lr']:g} for Naive SFT"
+        + (", each chosen on validation" if (results["settings"]["student_lr"], results["settings"]["naive_lr"])
+           == (DEFAULT_LR["student_lr"], DEFAULT_LR["naive_lr"]) else "") + ") "
         f"on those samples, with {results['settings']['seeds']} seeds per method (a seed sets the order of the "
         "samples). LaViT's trajectory loss reads its latent tokens' attention from the layers "
         f"`{results['settings']['latent_attention_layers']}` (in the first layer a latent token's query depends on "

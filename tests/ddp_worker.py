@@ -15,12 +15,13 @@ from processing_lavit import LavitProcessor
 from trainer_lavit import LavitSFTConfig, LavitSFTTrainer
 
 
-def main(lavit_dir: str, dataset_dir: str, output_dir: str) -> None:
+def main(lavit_dir: str, dataset_dir: str, output_dir: str, overrides: str = "{}") -> None:
     model = LavitForConditionalGeneration.from_pretrained(lavit_dir)
     processor = LavitProcessor.from_pretrained(lavit_dir)
-    args = LavitSFTConfig(output_dir, use_cpu=True, max_steps=3, per_device_train_batch_size=2, gate_warmup_steps=2,
-                          learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none", seed=0,
-                          dataloader_num_workers=0)
+    settings = dict(use_cpu=True, max_steps=3, per_device_train_batch_size=2, gate_warmup_steps=2, learning_rate=1e-3,
+                    ddp_find_unused_parameters=False,
+                    logging_steps=1, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0)
+    args = LavitSFTConfig(output_dir, **{**settings, **json.loads(overrides)})
     trainer = LavitSFTTrainer(model=model, args=args, train_dataset=load_lavit_dataset(dataset_dir, "kept"),
                               processing_class=processor)
     trainer.train()
@@ -32,8 +33,10 @@ def main(lavit_dir: str, dataset_dir: str, output_dir: str) -> None:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     with open(f"{output_dir}/rank{rank}.json", "w") as f:
         json.dump({"rank": rank, "world": trainer.accelerator.num_processes, "sha256": digest.hexdigest(),
-                   "losses": losses}, f)
+                   "losses": losses, "checkpointing": bool(getattr(trainer.args, "activation_checkpointing", None)
+                                         or getattr(trainer.args, "gradient_checkpointing", None)),
+                   "find_unused": trainer.args.ddp_find_unused_parameters}, f)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

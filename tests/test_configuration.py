@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from configuration_lavit import LavitConfig
@@ -100,4 +103,28 @@ def test_latent_attention_layers_named_and_relative_forms(layers, expected):
     assert resolve_latent_layers("last_4", 36) == [32, 33, 34, 35]
     # and survive a save/load round trip as written
     assert LavitConfig.from_dict(config.to_dict()).latent_attention_layers == layers
+
+
+@pytest.mark.parametrize("text, expected", [("all", "all"), ("last_half", "last_half"), ("last_3", "last_3"),
+                                            ("2", [2]), ("0, 3", [0, 3])])
+def test_command_line_layer_settings_parse(text, expected):
+    from configuration_lavit import parse_latent_layers
+
+    assert parse_latent_layers(text) == expected
+
+
+@pytest.mark.parametrize("text, message", [("last-half", "must be one of"), ("middle", "must be one of"),
+                                           ("last_0", "names no layer"), ("1,x", "must be one of")])
+def test_command_line_layer_settings_refused_before_any_loading(text, message, tmp_path):
+    from configuration_lavit import parse_latent_layers
+
+    with pytest.raises(ValueError, match=message):
+        parse_latent_layers(text)
+    # the conversion script refuses it while parsing its arguments, before it loads any weights
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import convert_qwen2_5_vl
+
+    with pytest.raises(SystemExit):
+        convert_qwen2_5_vl.parse_args(["--base", str(tmp_path / "absent"), "--output-dir", str(tmp_path / "out"),
+                                       "--latent-attention-layers", text])
 

@@ -241,7 +241,15 @@ def test_resume_inside_the_warm_up_reproduces_the_run(lavit_dir, processor, tmp_
             assert again[step][key] == pytest.approx(original[step][key], rel=1e-6, abs=1e-9), (step, key)
 
 
-def test_two_cpu_processes_train_the_same_weights(lavit_dir, tmp_path):
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"distill": False}, {"trajectory_loss_coef": 0.0}, {"concept_loss_coef": 0.0}, {"gate_schedule": "step"},
+     {"gate_schedule": "none"}],
+    ids=["lavit", "naive_sft", "no_trajectory", "no_semantic", "no_curriculum", "single_stage"],
+)
+def test_two_cpu_processes_train_the_same_weights(lavit_dir, tmp_path, overrides):
+    """The paper's run, Naive SFT and each Table 3 ablation under DDP with activation checkpointing on (the Trainer
+    then runs DDP without looking for unused parameters): 3 steps, the same weights on both ranks."""
     dataset_dir = write_lavit15k_folder(tmp_path / "lavit15k", 16, TEACHER_WIDTH)
     out = tmp_path / "ddp"
     out.mkdir()
@@ -249,12 +257,12 @@ def test_two_cpu_processes_train_the_same_weights(lavit_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
          str(ROOT / "examples" / "accelerate" / "cpu_2proc.yaml"), str(ROOT / "tests" / "ddp_worker.py"),
-         lavit_dir, dataset_dir, str(out)],
+         lavit_dir, dataset_dir, str(out), json.dumps(overrides)],
         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["world"] for r in ranks] == [2, 2]
+    assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["checkpointing"]
     assert ranks[0]["sha256"] == ranks[1]["sha256"]
     assert len(ranks[0]["losses"]) == 3 and all(math.isfinite(x) for x in ranks[0]["losses"])
     base = LavitForConditionalGeneration.from_pretrained(lavit_dir)
@@ -265,6 +273,15 @@ def test_two_cpu_processes_train_the_same_weights(lavit_dir, tmp_path):
         digest.update(name.encode())
         digest.update(tensor.to(torch.float32).contiguous().numpy().tobytes())
     assert digest.hexdigest() != ranks[0]["sha256"]  # they trained
+
+
+def test_the_concept_head_is_frozen_where_no_loss_reaches_it(lavit_dir, processor, tmp_path):
+    for overrides, trained in (({}, True), ({"distill": False}, False), ({"concept_loss_coef": 0.0}, False)):
+        model = LavitForConditionalGeneration.from_pretrained(lavit_dir)
+        LavitSFTTrainer(model=model, args=tiny_args(tmp_path, **overrides), train_dataset=lavit15k_dataset(4, TEACHER_WIDTH),
+                        processing_class=processor)
+        assert all(p.requires_grad == trained for p in model.concept_head.parameters()), overrides
+        assert all(p.requires_grad for p in model.model.language_model.parameters())
 
 
 def test_lora_saves_reloads_offline_and_merges(lavit_dir, processor, tmp_path):
@@ -408,6 +425,7 @@ def test_the_trainer_sets_the_layers_l_traj_reads(lavit_dir, processor, tmp_path
     LavitSFTTrainer(model=model, args=tiny_args(tmp_path, latent_attention_layers=setting),
                     train_dataset=lavit15k_dataset(4, TEACHER_WIDTH), processing_class=processor)
     assert model.config.latent_layer_indices() == expected
+    assert model.config.latent_attention_layers == expected  # as indices, which every configuration version reads
     model.save_pretrained(tmp_path / "saved")  # the setting travels with the trained model
     assert LavitForConditionalGeneration.from_pretrained(tmp_path / "saved").config.latent_layer_indices() == expected
 
