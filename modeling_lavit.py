@@ -32,7 +32,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 
 
 try:  # loaded as remote code from a checkpoint, where the files form a package
@@ -576,6 +577,9 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 "enable_lavit_attention(model)."
             )
 
+    # As the stock forward: `return_dict=False` (argument or config) gives a tuple, and the old cache name warns.
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -780,6 +784,7 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             mm_encoder_outputs=mm_encoder_outputs,
+            return_dict=True,  # read by name below; a config with return_dict=False gets its tuple at the end
             **kwargs,
         )
         for hook in shuffle_hooks:
