@@ -77,15 +77,20 @@ def count_images(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     return starts.sum(dim=1)
 
 
-def find_latent_tokens(input_ids: torch.Tensor, latent_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def find_latent_tokens(
+    input_ids: torch.Tensor, latent_token_ids: list[int], strict: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Locates the block of K latent tokens in each sample.
 
     A sample either has no latent token at all, or each of the K tokens exactly once, in order and adjacent;
-    anything else raises a `ValueError` naming the sample.
+    anything else raises a `ValueError` naming the sample, or with `strict=False` counts as a sample without a
+    latent block (plain inference: a model may write latent tokens itself, and a pass without a KV cache then feeds
+    a partly written block back).
 
     Args:
         input_ids: `(B, L)`.
         latent_token_ids: the K ids, in order.
+        strict: raise on a malformed block (where latent outputs are needed) instead of ignoring it.
     Returns:
         index: `(B, K)` long positions (0 for samples without latent tokens); present: `(B,)` bool.
     """
@@ -96,7 +101,9 @@ def find_latent_tokens(input_ids: torch.Tensor, latent_token_ids: list[int]) -> 
     bad_count = present & (counts != 1).any(dim=1)
     steps_ok = (index[:, 1:] - index[:, :-1] == 1).all(dim=1)  # (B,)
     bad_order = present & ~bad_count & ~steps_ok
-    if bad_count.any() or bad_order.any():
+    if not strict:
+        present = present & ~bad_count & ~bad_order
+    elif bad_count.any() or bad_order.any():
         sample = int((bad_count | bad_order).nonzero()[0, 0])
         raise ValueError(
             f"Sample {sample} has a malformed latent block (token counts {counts[sample].tolist()} for ids "
@@ -660,6 +667,11 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         wants_latents = not decoding_plainly and (
             output_latent_states is not False or output_latent_attention or gamma < 1.0 or latent_intervention is not None
         )
+        # Strict where latent outputs are asked for or the gate is closing (training, extraction); plain inference
+        # (output_latent_states=None) reads a malformed block, or a batch mixing samples with and without one, as
+        # "no latent outputs" (e.g. a pass without a KV cache over latent tokens the model wrote itself).
+        strict = bool(output_latent_states) or output_latent_attention or gamma < 1.0 or (
+            latent_intervention is not None)
         latent_index = latent_present = None
         if wants_latents and input_ids is not None:
             if config.latent_token_ids is None:
@@ -667,7 +679,7 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                     "config.latent_token_ids is not set, so the latent tokens cannot be found; convert the checkpoint "
                     "with convert_qwen2_5_vl_to_lavit."
                 )
-            latent_index, latent_present = find_latent_tokens(input_ids, config.latent_token_ids)  # (B, K), (B,)
+            latent_index, latent_present = find_latent_tokens(input_ids, config.latent_token_ids, strict)  # (B,K),(B,)
         needs_ids = output_latent_states or output_latent_attention or gamma < 1.0
         if needs_ids and input_ids is None:
             raise ValueError(
@@ -683,7 +695,7 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 f"{config.latent_tokens}; build the prompt with LavitProcessor (add_latent_tokens=True) or "
                 "to_prompt_completion(..., use_latent_tokens=True)."
             )
-        if latent_present is not None and output_latent_states is None and bool(latent_present.any()):
+        if latent_present is not None and output_latent_states is None and bool(latent_present.any()) and strict:
             if not bool(latent_present.all()):
                 sample = int((~latent_present).nonzero()[0, 0])
                 raise ValueError(

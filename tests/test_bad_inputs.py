@@ -45,8 +45,14 @@ def test_mixed_batch_is_refused(lavit_model, processor, two_images):
     ids = with_latents["input_ids"].clone()
     latent_index, _ = find_latent_tokens(ids, lavit_model.config.latent_token_ids)
     ids[1, latent_index[1]] = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    with pytest.raises(ValueError, match="Sample 1 has no latent tokens while others in the batch do"):
+    lavit_model.set_sensory_gate(0.5)  # training: the gate is closing
+    with pytest.raises(ValueError, match="(?i)sample 1 has no latent tokens"):
         lavit_model(**{**with_latents, "input_ids": ids})
+    lavit_model.set_sensory_gate(1.0)
+    with pytest.raises(ValueError, match="sample 1 has no latent tokens"):
+        lavit_model(**{**with_latents, "input_ids": ids}, output_latent_states=True)
+    with torch.no_grad():  # plain inference: no latent outputs, no error
+        assert lavit_model(**{**with_latents, "input_ids": ids}).concept_embeds is None
 
 
 def test_malformed_latent_block(lavit_model, processor, two_images):
@@ -54,6 +60,11 @@ def test_malformed_latent_block(lavit_model, processor, two_images):
     ids = inputs["input_ids"].clone()
     latent_index, _ = find_latent_tokens(ids, lavit_model.config.latent_token_ids)
     ids[0, latent_index[0, 0]], ids[0, latent_index[0, 1]] = ids[0, latent_index[0, 1]].item(), ids[0, latent_index[0, 0]].item()
+    for requested in (dict(output_latent_states=True), dict(output_latent_attention=True),
+                      dict(latent_intervention="zeroed")):
+        with pytest.raises(ValueError, match="Sample 0 has a malformed latent block"):
+            lavit_model(**{**inputs, "input_ids": ids}, **requested)
+    lavit_model.set_sensory_gate(0.5)
     with pytest.raises(ValueError, match="Sample 0 has a malformed latent block"):
         lavit_model(**{**inputs, "input_ids": ids})
 

@@ -58,3 +58,39 @@ def test_the_deprecated_cache_name_warns_as_stock_does(lavit_model, processor, t
     assert stock_warned, "the stock class no longer warns; revisit this test"
     assert lavit_warned == [m.replace("Qwen2_5_VLForConditionalGeneration", "LavitForConditionalGeneration")
                             for m in stock_warned]
+
+
+def test_a_pass_over_latent_tokens_the_model_wrote_itself_equals_stock(lavit_model, processor, two_images):
+    """Without a KV cache every generation step feeds the whole sequence again: if the model wrote `<v-trace1>`
+    itself after its latent block, that pass holds a partly repeated block. Plain inference reads it as a sequence
+    without latent outputs, as the stock class reads any tokens."""
+    lavit_model.eval()
+    stock = stock_copy(lavit_model)
+    inputs = batch_inputs(processor, two_images)
+    first_latent = lavit_model.config.latent_token_ids[0]
+    written = torch.full((inputs["input_ids"].shape[0], 1), first_latent)
+    longer = {**inputs, "input_ids": torch.cat([inputs["input_ids"], written], 1),
+              "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(written)], 1),
+              "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(written)], 1)}
+    with torch.no_grad():
+        out, expected = lavit_model(**longer), stock(**longer)
+    assert out.concept_embeds is None
+    assert torch.allclose(out.logits, expected.logits, atol=1e-5)
+
+
+def test_generation_without_a_cache_equals_generation_with_one(lavit_model, processor, two_images):
+    lavit_model.eval()
+    inputs = batch_inputs(processor, two_images, padding_side="left")
+    # converted checkpoints suppress the latent ids in generation; lift that, as a user or a draft model may, and
+    # make the model write the first latent token itself: its output row becomes twice the row of the token greedy
+    # decoding picks first, so it wins that step
+    settings = dict(max_new_tokens=6, do_sample=False, suppress_tokens=[])
+    with torch.no_grad():
+        chosen = lavit_model.generate(**inputs, max_new_tokens=1, do_sample=False)[0, -1]
+        weight = lavit_model.lm_head.weight
+        weight[lavit_model.config.latent_token_ids[0]] = 2 * weight[chosen]
+        cached = lavit_model.generate(**inputs, use_cache=True, **settings)
+        uncached = lavit_model.generate(**inputs, use_cache=False, **settings)
+    new = cached[:, inputs["input_ids"].shape[1]:]
+    assert (new == lavit_model.config.latent_token_ids[0]).any()  # the case the issue found
+    assert torch.equal(cached, uncached)
