@@ -618,8 +618,10 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
         output_latent_states (`bool`, *optional*):
             Whether to return `latent_hidden_states` and `concept_embeds`. `None` (default): when every sample holds
-            the latent block (none is not an error: e.g. decoding steps); `True`: required, a sample without latent
-            tokens is an error; `False`: never.
+            a well-formed latent block; otherwise (decoding steps, a batch mixing samples with and without one, a
+            block the model partly wrote again itself) none for the whole batch and no error, unless the gate is
+            below 1 or a latent intervention is set; `True`: required, a sample without a well-formed block is an
+            error; `False`: never.
         output_latent_attention (`bool`, *optional*, defaults to `False`):
             Whether to return `latent_image_attention` and `image_token_mask`. Every sample needs the latent block
             and exactly one image.
@@ -644,8 +646,6 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             Replaces the control the model builds from its gate and `output_latent_attention` (for analyses that
             record other rows); `latent_image_attention` is then not computed.
         """
-        if "past_key_values" in kwargs:  # the name before transformers 5.x renamed it
-            cache = kwargs.pop("past_key_values")
         output_latent_attention = bool(output_latent_attention or teacher_trajectory is not None)
         if teacher_semantics is not None and output_latent_states is False:
             raise ValueError("teacher_semantics needs the latent states; leave output_latent_states unset.")

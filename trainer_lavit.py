@@ -443,7 +443,8 @@ class LavitSFTTrainer(SFTTrainer):
         if not (args.distill and args.concept_loss_coef > 0):
             # No loss reaches the concept head here (Naive SFT, "w/o semantic reconstruction"): a trainable parameter
             # without a gradient stops DDP at the second step when it does not look for unused parameters (the
-            # Trainer's choice under activation checkpointing), so the head is frozen; it is saved unchanged.
+            # Trainer's choice under activation checkpointing), so the head is frozen (in the model passed in: a
+            # later distilling trainer on the same object must unfreeze it); it is saved unchanged.
             lavit.concept_head.requires_grad_(False)
         if data_collator is None:
             data_collator = LavitDataCollator(
@@ -460,6 +461,8 @@ class LavitSFTTrainer(SFTTrainer):
             callbacks.append(SensoryGateCallback(args.gate_warmup_steps, args.gate_epsilon, args.gate_schedule))
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          data_collator=data_collator, callbacks=callbacks, **kwargs)
+        if not (args.distill and args.concept_loss_coef > 0):  # PEFT's modules_to_save made a trainable copy
+            unwrap_lavit(self.model).concept_head.requires_grad_(False)
         if self.args.cuts_trajectory_gradients():
             raise ValueError(
                 "This configuration forces reentrant gradient checkpointing (TRL does so for PEFT with DeepSpeed "

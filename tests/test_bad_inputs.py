@@ -51,6 +51,8 @@ def test_mixed_batch_is_refused(lavit_model, processor, two_images):
     lavit_model.set_sensory_gate(1.0)
     with pytest.raises(ValueError, match="sample 1 has no latent tokens"):
         lavit_model(**{**with_latents, "input_ids": ids}, output_latent_states=True)
+    with pytest.raises(ValueError, match="Sample 1 has no latent tokens while others in the batch do"):
+        lavit_model(**{**with_latents, "input_ids": ids}, latent_intervention="zeroed")
     with torch.no_grad():  # plain inference: no latent outputs, no error
         assert lavit_model(**{**with_latents, "input_ids": ids}).concept_embeds is None
 
@@ -67,6 +69,13 @@ def test_malformed_latent_block(lavit_model, processor, two_images):
     lavit_model.set_sensory_gate(0.5)
     with pytest.raises(ValueError, match="Sample 0 has a malformed latent block"):
         lavit_model(**{**inputs, "input_ids": ids})
+    lavit_model.set_sensory_gate(1.0)
+    with torch.no_grad():  # plain inference: the batch has no latent outputs, and no error
+        assert lavit_model(**{**inputs, "input_ids": ids}).concept_embeds is None
+    # the search itself: a swapped block counts as absent when not strict
+    index, present = find_latent_tokens(ids, lavit_model.config.latent_token_ids, strict=False)
+    assert present.tolist() == [False, True] and index[0].tolist() == [0, 0, 0, 0]
+    assert torch.equal(index[1], find_latent_tokens(ids[1:], lavit_model.config.latent_token_ids)[0][0])
 
 
 def test_latent_attention_for_sample_without_image(lavit_model, processor):

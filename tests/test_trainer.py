@@ -437,3 +437,12 @@ def test_a_layer_setting_deeper_than_the_student_is_refused(lavit_dir, processor
                         train_dataset=lavit15k_dataset(4, TEACHER_WIDTH), processing_class=processor)
     assert model.config.latent_attention_layers == "all"  # left as it was
 
+
+
+def test_the_concept_head_stays_frozen_under_lora_where_no_loss_reaches_it(lavit_dir, processor, tmp_path):
+    model = LavitForConditionalGeneration.from_pretrained(lavit_dir)
+    trainer = LavitSFTTrainer(model=model, args=tiny_args(tmp_path, distill=False), peft_config=lavit_lora_config(model),
+                              train_dataset=lavit15k_dataset(4, TEACHER_WIDTH), processing_class=processor)
+    head = [(n, p.requires_grad) for n, p in trainer.model.named_parameters() if "concept_head" in n]
+    assert head and not any(trainable for _, trainable in head), head  # PEFT's modules_to_save copy included
+    assert any(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" in n)

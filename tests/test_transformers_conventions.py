@@ -48,7 +48,7 @@ def _warnings_of(call) -> list[str]:
     return [str(w.message) for w in caught if "past_key_values" in str(w.message)]
 
 
-def test_the_deprecated_cache_name_warns_as_stock_does(lavit_model, processor, two_images, caplog):
+def test_the_deprecated_cache_name_warns_as_stock_does(lavit_model, processor, two_images):
     lavit_model.eval()
     stock = stock_copy(lavit_model)
     inputs = batch_inputs(processor, two_images)
