@@ -138,19 +138,31 @@ class LavitConfig(Qwen2_5_VLConfig):
         resolve_latent_layers(self.latent_attention_layers, self.text_config.num_hidden_layers)
 
 
+def _last_count(name: str) -> int | None:
+    """How many last layers a named setting reads (None for "all" and "last_half", which depend on the depth); a
+    `ValueError` naming the forms for anything else."""
+    if name in ("all", "last_half"):
+        return None
+    if name == "last":
+        return 1
+    if not (name.startswith("last_") and name[len("last_"):].isdigit()):
+        raise ValueError(
+            f"latent_attention_layers must be one of {LATENT_LAYER_NAMES}, 'last_<n>' (e.g. 'last_4') or a list of "
+            f"layer indices (comma-separated on a command line, e.g. '2,3'), got {name!r}."
+        )
+    count = int(name[len("last_"):])
+    if count < 1:
+        raise ValueError(f"latent_attention_layers={name!r} names no layer; use 'last_<n>' with n >= 1, or 'all'.")
+    return count
+
+
 def parse_latent_layers(value):
     """A `latent_attention_layers` value as written on a command line: `"2,3"` becomes `[2, 3]`, a name stays as it
     is; a string that is neither raises a `ValueError` (the depth is checked by `resolve_latent_layers`)."""
     if isinstance(value, str) and value and all(part.strip().isdigit() for part in value.split(",")):
         return [int(part) for part in value.split(",")]
-    if isinstance(value, str) and value not in LATENT_LAYER_NAMES and not (
-            value.startswith("last_") and value[len("last_"):].isdigit()):
-        raise ValueError(
-            f"latent_attention_layers must be one of {LATENT_LAYER_NAMES}, 'last_<n>' (e.g. 'last_4') or "
-            f"comma-separated layer indices (e.g. '2,3'), got {value!r}."
-        )
-    if isinstance(value, str) and value[len("last_"):].isdigit() and int(value[len("last_"):]) < 1:
-        raise ValueError(f"latent_attention_layers={value!r} names no layer; use 'last_<n>' with n >= 1, or 'all'.")
+    if isinstance(value, str):
+        _last_count(value)
     return value
 
 
@@ -158,20 +170,11 @@ def resolve_latent_layers(layers, num_layers: int) -> list[int]:
     """The sorted layer indices that a `latent_attention_layers` value names in a `num_layers`-layer text model
     (see `LavitConfig`); a clear `ValueError` for anything else."""
     if isinstance(layers, str):
+        count = _last_count(layers)
         if layers == "all":
             return list(range(num_layers))
         if layers == "last_half":
             return list(range(num_layers // 2, num_layers))
-        if layers == "last":
-            return [num_layers - 1]
-        if not (layers.startswith("last_") and layers[len("last_"):].isdigit()):
-            raise ValueError(
-                f"latent_attention_layers must be one of {LATENT_LAYER_NAMES}, 'last_<n>' (e.g. 'last_4') or a list "
-                f"of layer indices, got {layers!r}."
-            )
-        count = int(layers[len("last_"):])
-        if count < 1:
-            raise ValueError(f"latent_attention_layers={layers!r} names no layer; use 'last_<n>' with n >= 1, or 'all'.")
         if count > num_layers:
             raise ValueError(
                 f"latent_attention_layers={layers!r} asks for the last {count} layers of a {num_layers}-layer text "

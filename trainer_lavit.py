@@ -440,12 +440,6 @@ class LavitSFTTrainer(SFTTrainer):
             self._check_columns(eval_set, args, name)
         if args.freeze_vision_tower:
             lavit.model.visual.requires_grad_(False)
-        if not (args.distill and args.concept_loss_coef > 0):
-            # No loss reaches the concept head here (Naive SFT, "w/o semantic reconstruction"): a trainable parameter
-            # without a gradient stops DDP at the second step when it does not look for unused parameters (the
-            # Trainer's choice under activation checkpointing), so the head is frozen (in the model passed in: a
-            # later distilling trainer on the same object must unfreeze it); it is saved unchanged.
-            lavit.concept_head.requires_grad_(False)
         if data_collator is None:
             data_collator = LavitDataCollator(
                 processing_class,
@@ -461,7 +455,12 @@ class LavitSFTTrainer(SFTTrainer):
             callbacks.append(SensoryGateCallback(args.gate_warmup_steps, args.gate_epsilon, args.gate_schedule))
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          data_collator=data_collator, callbacks=callbacks, **kwargs)
-        if not (args.distill and args.concept_loss_coef > 0):  # PEFT's modules_to_save made a trainable copy
+        if not (args.distill and args.concept_loss_coef > 0):
+            # No loss reaches the concept head here (Naive SFT, "w/o semantic reconstruction"): a trainable parameter
+            # without a gradient stops DDP at the second step when it does not look for unused parameters (the
+            # Trainer's choice under activation checkpointing), so the head is frozen, after PEFT has wrapped the
+            # model (its modules_to_save copy included). This changes the model passed in: a later distilling
+            # trainer on the same object must unfreeze it. The head is saved unchanged.
             unwrap_lavit(self.model).concept_head.requires_grad_(False)
         if self.args.cuts_trajectory_gradients():
             raise ValueError(

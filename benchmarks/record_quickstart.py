@@ -58,13 +58,8 @@ def body_of(results: dict) -> str:
     m = results["methods"]
     lines += quickstart.results_table(m)
     lines += ["", *quickstart.modes_table(m)]
-    ablations = [k for k in m if k.startswith("ablation: ")]
-    if ablations:
-        lines += ["", "| Table 3 ablation (seed 0) | accuracy (%) | latents shuffled (%) |", "|---|---|---|",
-                  f"| full method | {m['lavit']['accuracy']['values'][0]:.1f} | "
-                  f"{m['lavit [shuffled]']['accuracy']['values'][0]:.1f} |"]
-        lines += [f"| {k[len('ablation: '):]} | {quickstart.fmt(m[k]['accuracy'])} | "
-                  f"{quickstart.fmt(m[k].get('shuffled'))} |" for k in ablations]
+    if any(k.startswith("ablation: ") for k in m):
+        lines += ["", *quickstart.ablations_table(m)]
     if any((results.get("val_curves") or {}).values()):
         lines += ["", "Validation accuracy along training:", "", *quickstart.curves_table(results["val_curves"])]
     lines += ["", *quickstart.verdict(results)]

@@ -635,32 +635,42 @@ def stage_ablations(args, root: Path, student: dict, dataset: dict, paths: dict)
     """Table 3's ablations of LaViT, one seed each, trained and scored on test like the full method (--ablations;
     added to a finished run without retraining anything)."""
     from evaluation_lavit import load_mmvp
-    from modeling_lavit import LavitForConditionalGeneration
-    from processing_lavit import LavitProcessor
 
     plan = [(name, 0, overrides) for name, overrides in ABLATIONS.items()]
     runs = train_runs(args, root, student, dataset, paths, plan)
     test = load_mmvp(paths["test_mmvp"])
-    results = {}
-    for run, info in runs.items():
-        model = LavitForConditionalGeneration.from_pretrained(info["path"]).eval()
-        processor = LavitProcessor.from_pretrained(info["path"])
-        results[run] = {mode: accuracy(model, processor, test, str(root / "evaluation" / f"{run}-{mode}.jsonl"), mode)
-                        for mode in ("forced", "shuffled")}
+    results = {run: score_modes(*load_run(info["path"]), test, root / "evaluation", run, ["forced", "shuffled"])
+               for run, info in runs.items()}
     return {"runs": runs, "results": results}
+
+
+def load_run(path: str):
+    """A trained LaViT checkpoint of this run, `(model in eval mode, processor)`."""
+    from modeling_lavit import LavitForConditionalGeneration
+    from processing_lavit import LavitProcessor
+
+    return LavitForConditionalGeneration.from_pretrained(path).eval(), LavitProcessor.from_pretrained(path)
+
+
+def score_modes(model, processor, test, folder: Path, name: str, modes: list[str], bar=None) -> dict:
+    """Test accuracy of one model in each latent mode, the predictions in `<folder>/<name>-<mode>.jsonl`."""
+    results = {}
+    for mode in modes:
+        results[mode] = accuracy(model, processor, test, str(folder / f"{name.replace(' ', '_')}-{mode}.jsonl"), mode)
+        if bar is not None:
+            bar.update()
+    return results
 
 
 def load_student_base(models: dict, student: dict):
     """The students' starting point, `(model, processor)`: the pre-trained base when there is one (its processor adds
     no latent tokens, which it never saw), else the untrained stock base."""
-    from modeling_lavit import LavitForConditionalGeneration
-    from processing_lavit import LavitProcessor
     from teacher_lavit import load_teacher
 
     if student.get("pretrain"):
-        processor = LavitProcessor.from_pretrained(student["student_lavit"])
+        model, processor = load_run(student["student_lavit"])
         processor.add_latent_tokens = False
-        return LavitForConditionalGeneration.from_pretrained(student["student_lavit"]).eval(), processor
+        return model, processor
     return load_teacher(models["student_base"])  # the stock loader: a model and its image-only processor
 
 
@@ -669,8 +679,6 @@ def stage_evaluate(args, root: Path, paths: dict, models: dict, teacher: dict, s
     pre-trained or not) in mode none, the students in their modes (LaViT also with its latents masked, zeroed and
     shuffled)."""
     from evaluation_lavit import load_mmvp
-    from modeling_lavit import LavitForConditionalGeneration
-    from processing_lavit import LavitProcessor
     from teacher_lavit import load_teacher
 
     test = load_mmvp(paths["test_mmvp"])
@@ -682,17 +690,12 @@ def stage_evaluate(args, root: Path, paths: dict, models: dict, teacher: dict, s
     results = {}
     for name, modes in jobs:
         if name == "teacher":
-            model, processor = load_teacher(teacher["teacher"])
+            loaded = load_teacher(teacher["teacher"])
         elif name == "student base":
-            model, processor = load_student_base(models, student)
+            loaded = load_student_base(models, student)
         else:
-            model = LavitForConditionalGeneration.from_pretrained(students["runs"][name]["path"]).eval()
-            processor = LavitProcessor.from_pretrained(students["runs"][name]["path"])
-        results[name] = {}
-        for mode in modes:
-            path = folder / f"{name.replace(' ', '_')}{'' if name in ('teacher', 'student base') else '-' + mode}.jsonl"
-            results[name][mode] = accuracy(model, processor, test, str(path), mode)
-            bar.update()
+            loaded = load_run(students["runs"][name]["path"])
+        results[name] = score_modes(*loaded, test, folder, name, modes, bar)
     bar.close()
     return {"results": results}
 
@@ -710,8 +713,6 @@ def stage_analysis(args, root: Path, paths: dict, models: dict, teacher: dict, s
                                 perception_gap, plot_entropy_histograms, plot_focus_curves, plot_heatmaps,
                                 plot_perception_gaps)
     from data_lavit import read_visual_cot
-    from modeling_lavit import LavitForConditionalGeneration
-    from processing_lavit import LavitProcessor
     from teacher_lavit import answer_matches, load_teacher
 
     folder = root / "analysis"
@@ -728,8 +729,7 @@ def stage_analysis(args, root: Path, paths: dict, models: dict, teacher: dict, s
     loaded = {"teacher": (*load_teacher(teacher["teacher"]), rows),
               "student base": (*load_student_base(models, student), rows)}
     for run, info in students["runs"].items():
-        model = LavitForConditionalGeneration.from_pretrained(info["path"]).eval()
-        processor = LavitProcessor.from_pretrained(info["path"])
+        model, processor = load_run(info["path"])
         processor.add_latent_tokens = not run.startswith("naive_sft")  # Naive SFT never saw latent tokens
         loaded[run] = (model, processor, rows)
         if run.startswith("lavit"):
@@ -995,6 +995,16 @@ def curves_table(curves: dict) -> list[str]:
     return lines
 
 
+def ablations_table(methods: dict) -> list[str]:
+    """Table 3's rows beside the full method's seed 0 (the ablations' seed): accuracy, and with latents shuffled."""
+    lines = ["| run (seed 0) | accuracy (%) | latents shuffled (%) |", "|---|---|---|",
+             f"| full method | {methods['lavit']['accuracy']['values'][0]:.1f} | "
+             f"{methods['lavit [shuffled]']['accuracy']['values'][0]:.1f} |"]
+    lines += [f"| {k[len('ablation: '):]} | {fmt(methods[k]['accuracy'])} | {fmt(methods[k].get('shuffled'))} |"
+              for k in methods if k.startswith("ablation: ")]
+    return lines
+
+
 def modes_table(methods: dict) -> list[str]:
     lines = ["| mode | what the answer sees | accuracy (%) |", "|---|---|---|"]
     for mode in LATENT_MODES:
@@ -1071,14 +1081,8 @@ def render_report(results: dict) -> str:
               + ", ".join(f"{r['test_accuracy']:.1f}" for r in results["per_seed"]["lavit"]) + ".", "",
               "### LaViT with its latent tokens changed at inference", "",
               *modes_table(m)]
-    ablations = [k for k in m if k.startswith("ablation: ")]
-    if ablations:
-        lines += ["", "### Table 3 ablations (one seed each, same steps and data)", "",
-                  "| run | accuracy (%) | latents shuffled (%) |", "|---|---|---|",
-                  f"| full method (seed 0) | {m['lavit']['accuracy']['values'][0]:.1f} | "
-                  f"{m['lavit [shuffled]']['accuracy']['values'][0]:.1f} |"]
-        lines += [f"| {k[len('ablation: '):]} | {fmt(m[k]['accuracy'])} | {fmt(m[k]['shuffled'])} |"
-                  for k in ablations]
+    if any(k.startswith("ablation: ") for k in m):
+        lines += ["", "### Table 3 ablations (one seed each, same steps and data)", "", *ablations_table(m)]
     curves = results.get("val_curves") or {}
     if any(curves.values()):
         lines += ["", "## Validation accuracy along training", "",

@@ -36,6 +36,11 @@ def main(lavit_dir: str, dataset_dir: str, output_dir: str, overrides: str = "{}
                    "losses": losses, "checkpointing": bool(getattr(trainer.args, "activation_checkpointing", None)
                                          or getattr(trainer.args, "gradient_checkpointing", None)),
                    "find_unused": trainer.args.ddp_find_unused_parameters}, f)
+    # leave the process group before exiting: a gloo group torn down at interpreter exit can abort a rank
+    # ("terminate called without an active exception") after the training itself has finished
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
