@@ -548,6 +548,9 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         super().__init__(config)
         self.concept_head = LavitConceptHead(config)
         self.register_buffer("sensory_gate", torch.tensor(1.0), persistent=False)
+        # The same gamma as a Python float, read under torch.compile: a tensor's value cannot steer a traced graph,
+        # a float attribute can (dynamo guards on it, so a new gamma recompiles).
+        self._sensory_gate_value = 1.0
         if config.text_config._attn_implementation in (None, "sdpa"):
             enable_lavit_attention(self)
         self.post_init()
@@ -557,6 +560,7 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         if module is self:
             with torch.no_grad():
                 self.sensory_gate.fill_(1.0)
+            self._sensory_gate_value = 1.0
 
     def set_sensory_gate(self, gamma: float) -> None:
         """Sets gamma in [0, 1]: 1 leaves attention untouched, 0 cuts the gated rows off the image (a hard mask)."""
@@ -567,13 +571,19 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 "paper's schedule starts at 1e-6."
             )
         self.sensory_gate.fill_(gamma)
+        self._sensory_gate_value = gamma
 
     def _gate_value(self) -> float:
+        """gamma for this forward: the buffer's value in eager mode; under torch.compile the float that
+        `set_sensory_gate` (or the last eager forward) left, since a traced graph cannot branch on a tensor."""
+        if torch.compiler.is_compiling():
+            return self._sensory_gate_value
         gamma = float(self.sensory_gate)
         if not 0.0 <= gamma <= 1.0 or math.isnan(gamma):
             raise ValueError(
                 f"model.sensory_gate holds {gamma}, outside [0, 1]; set it with model.set_sensory_gate(gamma)."
             )
+        self._sensory_gate_value = gamma
         return gamma
 
     def _check_text_attention(self, what: str) -> None:
@@ -621,7 +631,9 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             a well-formed latent block; otherwise (decoding steps, a batch mixing samples with and without one, a
             block the model partly wrote again itself) none for the whole batch and no error, unless the gate is
             below 1 or a latent intervention is set; `True`: required, a sample without a well-formed block is an
-            error; `False`: never.
+            error; `False`: never. Under `torch.compile` the default reads as `False` (a traced graph cannot
+            depend on where the tokens are); latent outputs, the gate below 1 and interventions compile with graph
+            breaks, and `fullgraph=True` refuses them by name.
         output_latent_attention (`bool`, *optional*, defaults to `False`):
             Whether to return `latent_image_attention` and `image_token_mask`. Every sample needs the latent block
             and exactly one image.
@@ -659,6 +671,10 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 "(a collator must keep it)."
             )
         gamma = self._gate_value()
+        if torch.compiler.is_compiling():
+            output_latent_states = self._traceable_latent_request(
+                output_latent_states, output_latent_attention, gamma, latent_intervention
+            )
         config = self.config
         past_length = cache.get_seq_length() if cache is not None else 0
 
@@ -850,6 +866,31 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             trajectory_loss=trajectory,
             sensory_gate=gamma,
         )
+
+    @staticmethod
+    def _traceable_latent_request(output_latent_states, output_latent_attention, gamma, latent_intervention):
+        """Under torch.compile: the plain forward (gate open, nothing latent requested) is one graph, and the
+        default `output_latent_states=None` reads as False there. What needs the latent and image positions found
+        in input_ids (their values) raises, naming the argument: under `fullgraph=True` that error reaches the
+        caller; without it dynamo runs LaViT's outer forward eagerly and still compiles the language model."""
+        asked = [
+            name
+            for name, on in (
+                ("output_latent_states=True (or teacher_semantics)", bool(output_latent_states)),
+                ("output_latent_attention=True (or teacher_trajectory)", output_latent_attention),
+                (f"a sensory gate below 1 (gamma = {gamma:g})", gamma < 1.0),
+                (f"latent_intervention={latent_intervention!r}", latent_intervention is not None),
+            )
+            if on
+        ]
+        if asked:
+            raise ValueError(
+                f"{' and '.join(asked)} cannot be traced into one graph: it needs where the latent and image tokens "
+                "sit in input_ids, and a graph compiled with torch.compile(..., fullgraph=True) cannot depend on "
+                "tensor values. Compile without fullgraph=True (graph breaks allowed), or compile the plain "
+                "inference forward only (model.set_sensory_gate(1.0), no latent outputs requested)."
+            )
+        return False
 
     def _shuffle_latent_states(self, latent_index: torch.Tensor) -> list:
         """Forward hooks that, at the output of every text layer, give each sample the hidden states of the next

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 
 from conftest import batch_inputs, stock_copy
+from modeling_lavit import padded_positions
+
+
+def padded_image_mask(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    return padded_positions(input_ids == image_token_id)[1]
 
 
 def test_return_dict_false_gives_the_tuple_stock_gives(lavit_model, processor, two_images):
@@ -94,3 +100,91 @@ def test_generation_without_a_cache_equals_generation_with_one(lavit_model, proc
     new = cached[:, inputs["input_ids"].shape[1]:]
     assert (new == lavit_model.config.latent_token_ids[0]).any()  # the case the issue found
     assert torch.equal(cached, uncached)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.compile. The tests trace with dynamo and AOTAutograd (backend "aot_eager", which checks the graphs and the
+# autograd through them without inductor's code generation, minutes on 2 cores); benchmarks/bench_compile.py runs
+# inductor.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def text_only(inputs: dict, image_token_id: int) -> dict:
+    """The prompt's tokens without an image (image tokens replaced by an ordinary id): what the stock class compiles
+    into one graph too; its vision tower's window index is data-dependent."""
+    ids = torch.where(inputs["input_ids"] == image_token_id, 5, inputs["input_ids"])
+    return {"input_ids": ids, "attention_mask": inputs["attention_mask"]}
+
+
+def test_the_plain_inference_forward_compiles_into_one_graph(lavit_model, processor, two_images, fresh_dynamo):
+    stock = stock_copy(lavit_model)
+    inputs = text_only(batch_inputs(processor, two_images), lavit_model.config.image_token_id)
+    with torch.no_grad():
+        eager = lavit_model(**inputs)
+        expected = stock(**inputs).logits
+        compiled = torch.compile(lavit_model, fullgraph=True, backend="aot_eager")(**inputs)
+    assert eager.concept_embeds is not None  # eager finds the latent block by its values...
+    assert compiled.concept_embeds is None  # ...a traced graph cannot: no latent outputs unless asked (documented)
+    assert torch.allclose(compiled.logits, eager.logits, atol=1e-5)
+    assert torch.allclose(compiled.logits, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "setting, named",
+    [
+        ({"gate": 0.5}, "a sensory gate below 1 (gamma = 0.5)"),
+        ({"output_latent_states": True}, "output_latent_states=True"),
+        ({"output_latent_attention": True}, "output_latent_attention=True"),
+        ({"latent_intervention": "zeroed"}, "latent_intervention='zeroed'"),
+    ],
+)
+def test_what_one_graph_cannot_hold_is_refused_by_name(lavit_model, processor, two_images, fresh_dynamo, setting,
+                                                       named):
+    inputs = text_only(batch_inputs(processor, two_images), lavit_model.config.image_token_id)
+    setting = dict(setting)
+    if "gate" in setting:
+        lavit_model.set_sensory_gate(setting.pop("gate"))
+    compiled = torch.compile(lavit_model, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception) as caught, torch.no_grad():
+        compiled(**inputs, **setting)
+    message = str(caught.value)
+    assert named in message and "fullgraph=True" in message
+
+
+def test_the_training_forward_compiled_with_graph_breaks_equals_eager(lavit_model, processor, two_images,
+                                                                      fresh_dynamo):
+    """Gate below 1, latent attention and both losses: graph breaks where the latent and image positions are read;
+    losses, outputs and gradients as in eager mode."""
+    lavit_model.train()
+    inputs = batch_inputs(processor, two_images)
+    labels = inputs["input_ids"].clone()
+    lavit_model.set_sensory_gate(0.3)
+    generator = torch.Generator().manual_seed(0)
+    semantics = torch.randn(2, lavit_model.config.teacher_hidden_size, generator=generator)
+    n_image = int((inputs["input_ids"] == lavit_model.config.image_token_id).sum(1).max())
+    trajectory = torch.rand(2, n_image, generator=generator)
+    image_mask = padded_image_mask(inputs["input_ids"], lavit_model.config.image_token_id)
+    trajectory = (trajectory * image_mask) / (trajectory * image_mask).sum(1, keepdim=True)
+
+    def step(model):
+        lavit_model.zero_grad(set_to_none=True)
+        out = model(**inputs, labels=labels, teacher_semantics=semantics, teacher_trajectory=trajectory)
+        (out.loss + out.concept_loss + out.trajectory_loss).backward()
+        grads = {n: p.grad.clone() for n, p in lavit_model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    eager, eager_grads = step(lavit_model)
+    compiled, compiled_grads = step(torch.compile(lavit_model, backend="aot_eager"))
+    for name in ("loss", "concept_loss", "trajectory_loss", "logits", "latent_image_attention", "concept_embeds"):
+        assert torch.allclose(getattr(compiled, name), getattr(eager, name), atol=1e-5), name
+    assert compiled.sensory_gate == eager.sensory_gate
+    assert eager_grads.keys() == compiled_grads.keys() and "concept_head.fc1.weight" in eager_grads
+    for name, grad in eager_grads.items():
+        assert torch.allclose(compiled_grads[name], grad, atol=1e-5), name
