@@ -5,7 +5,7 @@ This file is remote code: it imports only `transformers` so that a checkpoint lo
 `trust_remote_code=True` on a machine that has nothing else of this project installed.
 """
 
-from transformers import Qwen2_5_VLConfig
+from transformers import AutoConfig, Qwen2_5_VLConfig
 
 
 GATE_SCOPES = ("after_image", "response")
@@ -198,6 +198,12 @@ def resolve_latent_layers(layers, num_layers: int) -> list[int]:
             "model; use indices in range, 'all' or a relative form such as 'last_half'."
         )
     return sorted(set(layers))
+
+
+# Known to transformers' Auto classes once imported (a checkpoint's auto_map does the same for remote code), so that
+# AutoConfig.for_model("lavit") and code that consults the mappings know LaViT. exist_ok: remote code loaded later
+# registers its own copy of the class under the same name.
+AutoConfig.register(LavitConfig.model_type, LavitConfig, exist_ok=True)
 
 
 __all__ = ["LavitConfig", "parse_latent_layers", "resolve_latent_layers"]

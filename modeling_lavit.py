@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface, Qwen2_5_VLForConditionalGeneration
+from transformers import AttentionInterface, AutoModel, AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
@@ -924,6 +924,11 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         if attention_mask is not None and attention_mask.ndim == 2:
             gated = gated & attention_mask.bool()
         return gated
+
+
+# The Auto classes a converted checkpoint's auto_map names, registered on import (see configuration_lavit).
+AutoModelForImageTextToText.register(LavitConfig, LavitForConditionalGeneration, exist_ok=True)
+AutoModel.register(LavitConfig, LavitForConditionalGeneration, exist_ok=True)
 
 
 __all__ = [

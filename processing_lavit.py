@@ -9,8 +9,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from transformers import Qwen2_5_VLProcessor
+from transformers import AutoProcessor, Qwen2_5_VLProcessor
 from transformers.utils import logging
+
+
+try:  # loaded as remote code from a checkpoint, where the files form a package
+    from .configuration_lavit import LavitConfig
+except ImportError:  # imported from the repository root
+    from configuration_lavit import LavitConfig
 
 
 logger = logging.get_logger(__name__)
@@ -262,6 +268,10 @@ def latent_token_ids_of(tokenizer, latent_tokens: list[str]) -> list[int]:
             "(examples/convert_qwen2_5_vl.py), which adds them, or load the tokenizer of a LaViT checkpoint."
         )
     return [vocab[token] for token in latent_tokens]
+
+
+# The Auto class a converted checkpoint's auto_map names, registered on import (see configuration_lavit).
+AutoProcessor.register(LavitConfig, LavitProcessor, exist_ok=True)
 
 
 __all__ = ["LavitBaseProcessor", "LavitProcessor", "LAVIT_SYSTEM_PROMPT"]

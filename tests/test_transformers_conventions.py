@@ -188,3 +188,24 @@ def test_the_training_forward_compiled_with_graph_breaks_equals_eager(lavit_mode
     assert eager_grads.keys() == compiled_grads.keys() and "concept_head.fc1.weight" in eager_grads
     for name, grad in eager_grads.items():
         assert torch.allclose(compiled_grads[name], grad, atol=1e-5), name
+
+
+def test_the_auto_classes_know_lavit_once_the_package_is_imported(lavit_dir):
+    """Without trust_remote_code or a checkpoint's auto_map: the Auto mappings themselves hold the LaViT classes."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    from configuration_lavit import LavitConfig
+    from modeling_lavit import LavitForConditionalGeneration
+    from processing_lavit import LavitProcessor
+
+    config = LavitConfig.from_pretrained(lavit_dir)
+    assert type(AutoConfig.for_model("lavit")) is LavitConfig
+    assert MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[LavitConfig] is LavitForConditionalGeneration
+    model = AutoModelForImageTextToText.from_config(config)
+    assert type(model) is LavitForConditionalGeneration
+    assert model.config.latent_token_ids == config.latent_token_ids
+    # a checkpoint loads through the mappings without running its remote code
+    loaded = AutoModelForImageTextToText.from_pretrained(lavit_dir, trust_remote_code=False)
+    assert type(loaded) is LavitForConditionalGeneration
+    assert type(AutoProcessor.from_pretrained(lavit_dir, trust_remote_code=False)) is LavitProcessor
