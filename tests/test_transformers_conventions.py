@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
-from conftest import batch_inputs, stock_copy
-from modeling_lavit import padded_positions
+from conftest import QUESTIONS, batch_inputs, stock_copy
+from modeling_lavit import LavitForConditionalGeneration, padded_positions
 
 
 def padded_image_mask(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -84,22 +84,80 @@ def test_a_pass_over_latent_tokens_the_model_wrote_itself_equals_stock(lavit_mod
     assert torch.allclose(out.logits, expected.logits, atol=1e-5)
 
 
-def test_generation_without_a_cache_equals_generation_with_one(lavit_model, processor, two_images):
-    lavit_model.eval()
-    inputs = batch_inputs(processor, two_images, padding_side="left")
-    # converted checkpoints suppress the latent ids in generation; lift that, as a user or a draft model may, and
-    # make the model write the first latent token itself: its output row becomes twice the row of the token greedy
-    # decoding picks first, so it wins that step
-    settings = dict(max_new_tokens=6, do_sample=False, suppress_tokens=[])
+def write_latent_tokens_itself(model, inputs) -> int:
+    """Makes `model` write its first latent token itself: that token's output row becomes 8 times the row of the
+    token greedy decoding picks first, so it wins that step by far. (Converted checkpoints suppress the latent ids
+    in generation; the tests lift that with suppress_tokens=[], as a user or a draft model may.) Returns the id."""
     with torch.no_grad():
-        chosen = lavit_model.generate(**inputs, max_new_tokens=1, do_sample=False)[0, -1]
-        weight = lavit_model.lm_head.weight
-        weight[lavit_model.config.latent_token_ids[0]] = 2 * weight[chosen]
-        cached = lavit_model.generate(**inputs, use_cache=True, **settings)
-        uncached = lavit_model.generate(**inputs, use_cache=False, **settings)
-    new = cached[:, inputs["input_ids"].shape[1]:]
-    assert (new == lavit_model.config.latent_token_ids[0]).any()  # the case the issue found
-    assert torch.equal(cached, uncached)
+        chosen = model.generate(**inputs, max_new_tokens=1, do_sample=False)[0, -1]
+        weight = model.lm_head.weight
+        latent = model.config.latent_token_ids[0]
+        weight[latent] = 8 * weight[chosen]
+    return latent
+
+
+DECODING = {
+    "greedy": dict(do_sample=False),
+    "sampling": dict(do_sample=True, temperature=0.3, top_k=0, top_p=1.0),  # random weights: flat logits
+    "beam": dict(do_sample=False, num_beams=2, early_stopping=True, length_penalty=1.0),
+}
+
+
+@pytest.mark.parametrize("decoding", sorted(DECODING))
+def test_decoding_with_and_without_a_cache_equals_stock(lavit_model, processor, two_images, decoding):
+    """Greedy, seeded sampling and beam search, each with and without a KV cache, over prompts where the model
+    writes latent tokens itself: LaViT's tokens equal the stock class's on the same weights."""
+    inputs = batch_inputs(processor, two_images, padding_side="left")
+    latent = write_latent_tokens_itself(lavit_model, inputs)
+    stock = stock_copy(lavit_model)
+    settings = dict(max_new_tokens=6, suppress_tokens=[], pad_token_id=processor.tokenizer.pad_token_id,
+                    **DECODING[decoding])
+    results = {}
+    with torch.no_grad():
+        for name, model in (("stock", stock), ("lavit", lavit_model)):
+            for use_cache in (True, False):
+                torch.manual_seed(0)
+                results[name, use_cache] = model.generate(**inputs, use_cache=use_cache, **settings)
+    expected = results["stock", True]
+    assert (expected[:, inputs["input_ids"].shape[1]:] == latent).any()  # the case the issue found
+    for key, tokens in results.items():
+        assert torch.equal(tokens, expected), key
+
+
+def test_assisted_decoding_with_a_draft_that_proposes_latent_tokens_equals_greedy(lavit_dir, processor, two_images):
+    """Speculative decoding: a LaViT draft that writes latent tokens proposes them, LaViT verifies the candidates in
+    one pass, and the result is LaViT's own greedy output (equal to the stock class's)."""
+    model = LavitForConditionalGeneration.from_pretrained(lavit_dir).eval()
+    draft = LavitForConditionalGeneration.from_pretrained(lavit_dir).eval()
+    inputs = batch_inputs(processor, two_images[:1], questions=QUESTIONS[:1])  # assisted decoding takes one sample
+    latent = write_latent_tokens_itself(draft, inputs)
+    draft.generation_config.suppress_tokens = []
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True)
+    settings = dict(max_new_tokens=8, do_sample=False, suppress_tokens=[])
+    with torch.no_grad():
+        greedy = model.generate(**inputs, **settings)
+        expected = stock_copy(model).generate(**inputs, **settings)
+        seen.clear()
+        assisted = model.generate(**inputs, assistant_model=draft, **settings)
+    assert any((ids == latent).any() for ids in seen[1:])  # candidates holding latent tokens were verified
+    assert torch.equal(assisted, greedy) and torch.equal(greedy, expected)
+
+
+def test_a_left_padded_batch_generates_what_its_samples_generate_one_by_one(lavit_model, processor, two_images):
+    """Two prompts of different lengths (different image sizes and questions), each with its latent block."""
+    batch = batch_inputs(processor, two_images, padding_side="left")
+    assert (batch["attention_mask"][:, 0] == 0).any()  # one sample is padded
+    settings = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    width = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        together = lavit_model.generate(**batch, **settings)[:, width:]
+        last_together = lavit_model(**batch).logits[:, -1]
+        for i in range(2):
+            alone_inputs = batch_inputs(processor, two_images[i:i + 1], questions=QUESTIONS[i:i + 1])
+            alone = lavit_model.generate(**alone_inputs, **settings)[:, alone_inputs["input_ids"].shape[1]:]
+            assert torch.equal(together[i], alone[0]), i
+            assert torch.allclose(last_together[i], lavit_model(**alone_inputs).logits[0, -1], atol=1e-5), i
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,3 +267,53 @@ def test_the_auto_classes_know_lavit_once_the_package_is_imported(lavit_dir):
     loaded = AutoModelForImageTextToText.from_pretrained(lavit_dir, trust_remote_code=False)
     assert type(loaded) is LavitForConditionalGeneration
     assert type(AutoProcessor.from_pretrained(lavit_dir, trust_remote_code=False)) is LavitProcessor
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_and_load_round_trip(lavit_dir, processor, two_images, tmp_path, dtype):
+    """Loaded in a dtype (as a user does: a cast with .to() would also round the rotary frequencies), saved, and
+    loaded again with dtype="auto": the same tensors, configuration and outputs, bit for bit."""
+    model = LavitForConditionalGeneration.from_pretrained(lavit_dir, dtype=dtype).eval()
+    model.set_sensory_gate(0.25)  # not saved: a loaded model starts with the gate open
+    model.save_pretrained(tmp_path)
+    loaded = LavitForConditionalGeneration.from_pretrained(tmp_path, dtype="auto").eval()
+    expected_state, state = model.state_dict(), loaded.state_dict()
+    assert expected_state.keys() == state.keys()
+    for name, tensor in expected_state.items():
+        assert state[name].dtype == dtype and torch.equal(state[name], tensor), name
+    assert float(loaded.sensory_gate) == 1.0 and loaded.config.text_config._attn_implementation == "lavit_sdpa"
+    for field in ("latent_token_ids", "teacher_hidden_size", "latent_attention_layers", "gate_scope"):
+        assert getattr(loaded.config, field) == getattr(model.config, field), field
+    inputs = batch_inputs(processor, two_images)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    with torch.no_grad():
+        gated = model(**inputs, output_latent_attention=True)
+        loaded.set_sensory_gate(0.25)
+        out = loaded(**inputs, output_latent_attention=True)
+    assert out.logits.dtype == dtype
+    for name in ("logits", "concept_embeds", "latent_image_attention"):
+        assert torch.equal(getattr(out, name), getattr(gated, name)), name
+
+
+def test_resize_token_embeddings_keeps_the_latent_rows(lavit_model, processor, two_images, tmp_path):
+    ids = lavit_model.config.latent_token_ids
+    old_size = lavit_model.get_input_embeddings().weight.shape[0]
+    rows_in = lavit_model.get_input_embeddings().weight[ids].clone()
+    rows_out = lavit_model.lm_head.weight[ids].clone()
+    inputs = batch_inputs(processor, two_images)
+    with torch.no_grad():
+        before = lavit_model(**inputs)
+        lavit_model.resize_token_embeddings(old_size + 10, pad_to_multiple_of=8)
+        after = lavit_model(**inputs)
+    assert lavit_model.get_input_embeddings().weight.shape[0] == old_size + 10 + (-(old_size + 10)) % 8
+    assert torch.equal(lavit_model.get_input_embeddings().weight[ids], rows_in)
+    assert torch.equal(lavit_model.lm_head.weight[ids], rows_out)
+    assert torch.allclose(after.logits[..., :old_size], before.logits, atol=1e-6)
+    assert torch.allclose(after.concept_embeds, before.concept_embeds, atol=1e-6)
+    lavit_model.save_pretrained(tmp_path)
+    loaded = LavitForConditionalGeneration.from_pretrained(tmp_path)
+    assert torch.equal(loaded.get_input_embeddings().weight, lavit_model.get_input_embeddings().weight)
+    # a size that cuts the latent rows is refused, naming them
+    with pytest.raises(ValueError, match=r"would drop the rows of the latent tokens .* keep at least 522 rows"):
+        loaded.resize_token_embeddings(min(ids) + 1)
+    assert loaded.get_input_embeddings().weight.shape[0] > max(ids)
