@@ -586,6 +586,23 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         self._sensory_gate_value = gamma
         return gamma
 
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """As the stock method (rows below the new size keep their values, the latent tokens' included), but a size
+        that would cut the latent tokens' rows is refused instead of leaving ids the embedding no longer holds."""
+        latent_ids = self.config.latent_token_ids or []
+        if new_num_tokens is not None and latent_ids:
+            size = new_num_tokens
+            if pad_to_multiple_of:
+                size = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+            if size <= max(latent_ids):
+                raise ValueError(
+                    f"resize_token_embeddings({new_num_tokens}) would drop the rows of the latent tokens "
+                    f"{self.config.latent_tokens} (ids {list(latent_ids)}); keep at least {max(latent_ids) + 1} rows."
+                )
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
     def _check_text_attention(self, what: str) -> None:
         if self.config.text_config._attn_implementation != LAVIT_ATTENTION:
             raise ValueError(
