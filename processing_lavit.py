@@ -210,9 +210,12 @@ class LavitProcessor(LavitBaseProcessor):
                 "convert_qwen2_5_vl_to_lavit (examples/convert_qwen2_5_vl.py)."
             )
         if config.num_latent_tokens != self.num_latent_tokens or list(expected) != list(self.latent_token_ids):
+            size = len(self.tokenizer)
+            known = [self.tokenizer.convert_ids_to_tokens(int(i)) if 0 <= int(i) < size else None for i in expected]
             raise ValueError(
-                f"The model expects K={config.num_latent_tokens} latent tokens with ids {list(expected)}, but the "
-                f"processor has K={self.num_latent_tokens} ({self.latent_tokens}, ids {self.latent_token_ids}). Load "
+                f"The model expects K={config.num_latent_tokens} latent tokens with ids {list(expected)}, which this "
+                f"tokenizer reads as {known} (None: not in its vocabulary of {size}), but the processor's latent "
+                f"tokens are K={self.num_latent_tokens} ({self.latent_tokens}, ids {self.latent_token_ids}). Load "
                 "the processor saved with the model (AutoProcessor.from_pretrained(model_path))."
             )
 

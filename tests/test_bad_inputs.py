@@ -123,3 +123,19 @@ def test_pixels_without_mm_token_type_ids(lavit_model, processor, two_images):
     inputs.pop("mm_token_type_ids")
     with pytest.raises(ValueError, match="without mm_token_type_ids.*a collator must keep it"):
         lavit_model(**inputs)
+
+
+def test_latent_token_ids_the_tokenizer_does_not_know(lavit_dir, processor):
+    """A model whose config names other latent ids than the processor's tokenizer holds (same K): refused by the
+    check the trainer, the evaluation and the lmms-eval wrapper run first, naming what the tokenizer reads there."""
+    from configuration_lavit import LavitConfig
+
+    ordinary = LavitConfig.from_pretrained(lavit_dir, latent_token_ids=[40, 41, 42, 43])
+    words = processor.tokenizer.convert_ids_to_tokens([40, 41, 42, 43])
+    with pytest.raises(ValueError, match=r"ids \[40, 41, 42, 43\], which this tokenizer reads as ") as caught:
+        processor.check_model(ordinary)
+    assert str(words) in str(caught.value) and "AutoProcessor.from_pretrained(model_path)" in str(caught.value)
+    vocab = len(processor.tokenizer)
+    beyond = LavitConfig.from_pretrained(lavit_dir, latent_token_ids=[1, 2, 3, vocab + 5], vocab_size=vocab + 10)
+    with pytest.raises(ValueError, match=rf"None: not in its vocabulary of {vocab}"):
+        processor.check_model(beyond)
