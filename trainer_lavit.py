@@ -188,7 +188,9 @@ class LavitSFTConfig(SFTConfig):
             `False` trains the Naive-SFT baseline: the same data, text-only supervision, no latent tokens. With
             `distill=False` or `concept_loss_coef=0` the trainer freezes the concept head, which no loss reaches
             then, so that DDP (which the Trainer runs without looking for unused parameters when activation
-            checkpointing is on) does not stop at the second step.
+            checkpointing is on) does not stop at the second step; a multi-process `train()` refuses to start if the
+            head was made trainable again without `ddp_find_unused_parameters=True`, and refuses
+            `ddp_find_unused_parameters=True` with reentrant checkpointing (DDP stops on both).
         freeze_vision_tower (`bool`, *optional*, defaults to `True`):
             Whether the vision encoder is frozen (the language model is trained).
         response_column (`str`, *optional*, defaults to `"answer"`):
@@ -254,16 +256,15 @@ class LavitSFTConfig(SFTConfig):
         super().__post_init__()
         self.validate_lavit()
 
+    def reentrant_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on in its reentrant form."""
+        return bool(self.gradient_checkpointing and (self.gradient_checkpointing_kwargs or {}).get("use_reentrant"))
+
     def cuts_trajectory_gradients(self) -> bool:
         """Whether L_traj is on while reentrant gradient checkpointing would cut its gradients (the side channel's
         attention is recomputed outside the autograd graph). Checked here and again once the trainer (TRL may force
         reentrant checkpointing for PEFT under DeepSpeed ZeRO-3) has settled the checkpointing arguments."""
-        return bool(
-            self.distill
-            and self.trajectory_loss_coef > 0
-            and self.gradient_checkpointing
-            and (self.gradient_checkpointing_kwargs or {}).get("use_reentrant")
-        )
+        return bool(self.distill and self.trajectory_loss_coef > 0 and self.reentrant_checkpointing())
 
     def validate_lavit(self) -> None:
         """Raises a `ValueError` naming the field and the fix."""
@@ -470,6 +471,35 @@ class LavitSFTTrainer(SFTTrainer):
             )
         # compute_loss normalises the next-token loss by the Trainer's token count itself
         self.model_accepts_loss_kwargs = True
+
+    def train(self, *args, **kwargs):
+        self._check_ddp_settings()
+        return super().train(*args, **kwargs)
+
+    def _check_ddp_settings(self) -> None:
+        """Before the first step: the DDP settings that would stop a multi-process run at its first or second
+        backward, named with their fix. (DeepSpeed and FSDP do not look for unused parameters.)"""
+        if self.accelerator.num_processes < 2 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return
+        handler = getattr(self.accelerator, "ddp_handler", None)
+        find_unused = bool(handler is not None and handler.find_unused_parameters)
+        if find_unused and self.args.reentrant_checkpointing():
+            raise ValueError(
+                "ddp_find_unused_parameters=True with reentrant activation checkpointing stops DDP at the first "
+                "backward ('Expected to mark a variable ready only once'). Use activation_checkpointing_kwargs="
+                "{'use_reentrant': False} (the default here) or leave ddp_find_unused_parameters unset."
+            )
+        if not find_unused and not (self.args.distill and self.args.concept_loss_coef > 0):
+            head = unwrap_lavit(self.model).concept_head
+            trainable = [name for name, p in head.named_parameters() if p.requires_grad]
+            if trainable:
+                raise ValueError(
+                    f"The concept head's parameters {trainable} are trainable, but no loss reaches them here "
+                    f"(distill={self.args.distill}, concept_loss_coef={self.args.concept_loss_coef}) and DDP runs "
+                    "without find_unused_parameters (the Trainer's choice under activation checkpointing): it would "
+                    "stop at the second step. Keep the head frozen (this trainer froze it when it was built) or set "
+                    "ddp_find_unused_parameters=True."
+                )
 
     @staticmethod
     def _check_columns(dataset, args: LavitSFTConfig, name: str) -> None:

@@ -21,9 +21,13 @@ def main(lavit_dir: str, dataset_dir: str, output_dir: str, overrides: str = "{}
     settings = dict(use_cpu=True, max_steps=3, per_device_train_batch_size=2, gate_warmup_steps=2, learning_rate=1e-3,
                     ddp_find_unused_parameters=False,
                     logging_steps=1, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0)
-    args = LavitSFTConfig(output_dir, **{**settings, **json.loads(overrides)})
+    overrides = json.loads(overrides)
+    unfreeze_head = overrides.pop("unfreeze_concept_head", False)  # a user's change after building the trainer
+    args = LavitSFTConfig(output_dir, **{**settings, **overrides})
     trainer = LavitSFTTrainer(model=model, args=args, train_dataset=load_lavit_dataset(dataset_dir, "kept"),
                               processing_class=processor)
+    if unfreeze_head:
+        model.concept_head.requires_grad_(True)
     trainer.train()
     rank = trainer.accelerator.process_index
     digest = hashlib.sha256()

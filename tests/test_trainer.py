@@ -241,15 +241,9 @@ def test_resume_inside_the_warm_up_reproduces_the_run(lavit_dir, processor, tmp_
             assert again[step][key] == pytest.approx(original[step][key], rel=1e-6, abs=1e-9), (step, key)
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [{}, {"distill": False}, {"trajectory_loss_coef": 0.0}, {"concept_loss_coef": 0.0}, {"gate_schedule": "step"},
-     {"gate_schedule": "none"}],
-    ids=["lavit", "naive_sft", "no_trajectory", "no_semantic", "no_curriculum", "single_stage"],
-)
-def test_two_cpu_processes_train_the_same_weights(lavit_dir, tmp_path, overrides):
-    """The paper's run, Naive SFT and each Table 3 ablation under DDP with activation checkpointing on (the Trainer
-    then runs DDP without looking for unused parameters): 3 steps, the same weights on both ranks."""
+def launch_two_processes(lavit_dir, tmp_path, overrides: dict):
+    """tests/ddp_worker.py under a 2-process CPU `accelerate launch`; returns the finished process and its output
+    folder."""
     dataset_dir = write_lavit15k_folder(tmp_path / "lavit15k", 16, TEACHER_WIDTH)
     out = tmp_path / "ddp"
     out.mkdir()
@@ -260,6 +254,19 @@ def test_two_cpu_processes_train_the_same_weights(lavit_dir, tmp_path, overrides
          lavit_dir, dataset_dir, str(out), json.dumps(overrides)],
         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
+    return result, out
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"distill": False}, {"trajectory_loss_coef": 0.0}, {"concept_loss_coef": 0.0}, {"gate_schedule": "step"},
+     {"gate_schedule": "none"}],
+    ids=["lavit", "naive_sft", "no_trajectory", "no_semantic", "no_curriculum", "single_stage"],
+)
+def test_two_cpu_processes_train_the_same_weights(lavit_dir, tmp_path, overrides):
+    """The paper's run, Naive SFT and each Table 3 ablation under DDP with activation checkpointing on (the Trainer
+    then runs DDP without looking for unused parameters): 3 steps, the same weights on both ranks."""
+    result, out = launch_two_processes(lavit_dir, tmp_path, overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["checkpointing"]
@@ -273,6 +280,22 @@ def test_two_cpu_processes_train_the_same_weights(lavit_dir, tmp_path, overrides
         digest.update(name.encode())
         digest.update(tensor.to(torch.float32).contiguous().numpy().tobytes())
     assert digest.hexdigest() != ranks[0]["sha256"]  # they trained
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [({"distill": False, "ddp_find_unused_parameters": True, "activation_checkpointing_kwargs": {"use_reentrant": True}},
+      "ddp_find_unused_parameters=True with reentrant activation checkpointing"),
+     ({"distill": False, "unfreeze_concept_head": True}, "are trainable, but no loss reaches them")],
+    ids=["find_unused_with_reentrant", "unfrozen_head"],
+)
+def test_two_processes_refuse_ddp_settings_that_would_stop_training(lavit_dir, tmp_path, overrides, named):
+    """Each of these stops DDP at its first or second backward (tried: 'Expected to mark a variable ready only once',
+    'Expected to have finished reduction'); the trainer says so, with the fix, before the first step."""
+    result, _ = launch_two_processes(lavit_dir, tmp_path, overrides)
+    assert result.returncode != 0
+    assert named in result.stderr and "RuntimeError: Expected to" not in result.stderr
+    assert not (tmp_path / "ddp" / "rank0.json").exists()
 
 
 def test_the_concept_head_is_frozen_where_no_loss_reaches_it(lavit_dir, processor, tmp_path):
