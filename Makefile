@@ -37,6 +37,7 @@ bench: install
 	$(PY) benchmarks/bench_extraction.py --write-results
 	$(PY) benchmarks/bench_train_step.py --write-results
 	$(PY) benchmarks/bench_generate.py --write-results
+	$(PY) benchmarks/bench_compile.py --write-results
 
 clean:
 	rm -rf $(VENV) demo_output quickstart_output build *.egg-info
