@@ -85,14 +85,21 @@ _BOX = re.compile(r"^\s*\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?
 
 def parse_visual_cot_record(record: dict[str, Any]) -> VisualCoTSample:
     """Turns one Visual-CoT record into a `VisualCoTSample`; raises `SkippedRecord` with the reason otherwise."""
-    key = f"{record.get('dataset')}/{record.get('question_id')}"
+    if not isinstance(record, dict):
+        raise SkippedRecord("malformed_record", f"a record is {type(record).__name__} {str(record)[:60]!r}, not an object")
+    key = record_key(record)
     for field in ("dataset", "question_id", "image", "conversations"):
         if field not in record:
             raise SkippedRecord("malformed_record", f"{key}: no '{field}' field")
     turns = record["conversations"]
     if not isinstance(turns, list) or len(turns) < 4:
         raise SkippedRecord("malformed_record", f"{key}: {len(turns) if isinstance(turns, list) else 0} conversation turns, needs 4")
+    bad_turns = [i for i, turn in enumerate(turns) if not isinstance(turn, dict)]
+    if bad_turns:
+        raise SkippedRecord("malformed_record", f"{key}: conversation turns {bad_turns} are not objects")
     images = record["image"] if isinstance(record["image"], list) else [record["image"]]
+    if not images or not all(isinstance(entry, str) for entry in images):
+        raise SkippedRecord("malformed_record", f"{key}: 'image' must be a path or a list of paths, got {images!r:.80}")
     path, bbox = images[0].split("###")[0], None
     for entry in images:
         if "###" in entry:
@@ -126,6 +133,13 @@ def parse_visual_cot_record(record: dict[str, Any]) -> VisualCoTSample:
     )
 
 
+def record_key(record: Any) -> str:
+    """`"<dataset>/<question_id>"` of a record, or a placeholder for a record that is not an object."""
+    if not isinstance(record, dict):
+        return f"<{type(record).__name__} record>"
+    return f"{record.get('dataset')}/{record.get('question_id')}"
+
+
 def read_visual_cot(
     path: str | os.PathLike,
     sources: list[str] | None = None,
@@ -139,20 +153,34 @@ def read_visual_cot(
         skipped: `{"id", "reason", "detail"}` for every record of the kept sources that could not become a sample
             (malformed, no box, degenerate box, empty answer, duplicate key).
     """
-    with open(path, encoding="utf-8") as f:
-        records = json.load(f)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"The Visual-CoT file {path} does not exist; pass --viscot-json the path of viscot_363k.json (or a file "
+            "of its format)."
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}. A download cut short "
+            "ends like this; fetch the file again."
+        ) from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}); pass Visual-CoT's JSON file.") from err
     if not isinstance(records, list):
         raise ValueError(f"{path} must hold a JSON list of Visual-CoT records, got {type(records).__name__}.")
+    if not records:
+        raise ValueError(f"{path} holds no records: there is nothing to build. Pass Visual-CoT's viscot_363k.json.")
     wanted = set(sources) if sources else None
     samples, skipped, seen = [], [], set()
     for record in records:
-        if wanted is not None and record.get("dataset") not in wanted:
+        if wanted is not None and isinstance(record, dict) and record.get("dataset") not in wanted:
             continue
         try:
             sample = parse_visual_cot_record(record)
         except SkippedRecord as err:
-            skipped.append({"id": f"{record.get('dataset')}/{record.get('question_id')}", "reason": err.reason,
-                            "detail": err.detail})
+            skipped.append({"id": record_key(record), "reason": err.reason, "detail": err.detail})
             continue
         if sample.id in seen:
             skipped.append({"id": sample.id, "reason": "duplicate_id", "detail": f"{sample.id} appears twice"})
@@ -337,19 +365,169 @@ def write_jsonl_atomic(rows: list[dict[str, Any]], path: str | os.PathLike) -> N
     os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The manifest: what a finished LaViT-15K folder holds, by content
+# ----------------------------------------------------------------------------------------------------------------
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "lavit15k-manifest/1"
+SHARD_FOLDERS = (("kept", ".parquet"), ("all", ".parquet"), ("rejections", ".jsonl"))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def commit_shard(folder: str | os.PathLike, name: str, counts: dict[str, int]) -> dict[str, Any]:
+    """Records a shard whose files are written: `done/<name>.json` holds `counts` and, per file of the shard
+    (`kept/`, `all/`, `rejections/`), its size and sha256. Written atomically, last: a shard is committed iff its
+    record exists, and is intact iff its files still match it (`check_shard`)."""
+    root = Path(folder)
+    files = {}
+    for sub, suffix in SHARD_FOLDERS:
+        path = root / sub / f"{name}{suffix}"
+        if path.exists():
+            files[f"{sub}/{name}{suffix}"] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    record = {**counts, "files": files}
+    write_json_atomic(record, root / "done" / f"{name}.json")
+    return record
+
+
+def read_shard_record(folder: str | os.PathLike, name: str) -> dict[str, Any] | None:
+    """The shard's `done/` record, or None when the shard was never committed (or its record is unreadable)."""
+    path = Path(folder) / "done" / f"{name}.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def check_shard(folder: str | os.PathLike, name: str, record: dict[str, Any] | None = None,
+                subfolders: tuple[str, ...] = ("kept", "all", "rejections")) -> str | None:
+    """What is wrong with a committed shard's files (in `subfolders`), in words, or None when they match its record:
+    a file missing, cut short, changed, or present where the record has none."""
+    root = Path(folder)
+    record = record if record is not None else read_shard_record(folder, name)
+    if record is None:
+        return "it was never finished (no done/ record)"
+    files = record.get("files")
+    if not isinstance(files, dict):
+        return "its record predates content hashes"
+    for sub, suffix in SHARD_FOLDERS:
+        if sub not in subfolders:
+            continue
+        relative = f"{sub}/{name}{suffix}"
+        path = root / relative
+        expected = files.get(relative)
+        if expected is None:
+            if path.exists():
+                return f"{relative} is not part of it as recorded"
+            continue
+        if not path.exists():
+            return f"{relative} is missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{relative} has {size} bytes, {expected['bytes']} were written"
+        if file_sha256(path) != expected["sha256"]:
+            return f"{relative} changed since it was written (sha256 differs)"
+    return None
+
+
+def write_manifest(folder: str | os.PathLike, shard_names: list[str], inputs: dict[str, Any]) -> dict[str, Any]:
+    """Completes a build: checks every shard of the plan against its record and writes `manifest.json` (the
+    input's fingerprint, and per shard its counts and files). Raises a `ValueError` naming the first shard that is
+    missing or damaged."""
+    shards = {}
+    for name in shard_names:
+        record = read_shard_record(folder, name)
+        problem = check_shard(folder, name, record)
+        if problem is not None:
+            raise ValueError(
+                f"Shard {name} of {folder} cannot be finalised: {problem}. Run the build again with the same "
+                "arguments: it rebuilds exactly the missing or damaged shards."
+            )
+        shards[name] = record
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "complete": True,
+        "inputs": inputs,
+        "shards": shards,
+        "rows": sum(int(r.get("rows", 0)) for r in shards.values()),
+        "kept": sum(int(r.get("kept", 0)) for r in shards.values()),
+    }
+    write_json_atomic(manifest, Path(folder) / MANIFEST)
+    return manifest
+
+
+def verify_lavit_folder(folder: str | os.PathLike, config: str = "kept") -> dict[str, Any]:
+    """Checks a local LaViT-15K folder before it is read: a finished build (`manifest.json`), every shard of
+    `config` present with the bytes it was written with, and no parquet file the build did not write. Returns the
+    manifest; raises a `ValueError` naming the problem, the shard and the fix otherwise.
+
+    The cost is one sha256 pass over the config's files, small beside reading them (benchmarks/RESULTS.md)."""
+    root = Path(folder)
+    path = root / MANIFEST
+    if not path.exists():
+        started = len(list(root.glob("done/*.json")))
+        if started:
+            raise ValueError(
+                f"{folder} is an unfinished LaViT-15K build ({started} shards done, no {MANIFEST}): training on it "
+                "would silently use part of the data. Run examples/build_lavit_dataset.py again with the same "
+                "arguments to finish it (finished shards are kept)."
+            )
+        raise ValueError(
+            f"{folder} has no {MANIFEST}, so it is not a finished LaViT-15K build. Build it with "
+            f"examples/build_lavit_dataset.py --output-dir {folder} (a folder from an older build is finalised by "
+            "running its build command again)."
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is damaged ({err}); run the build command again to rewrite it.") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not manifest.get("complete"):
+        raise ValueError(f"{path} is not a complete {MANIFEST_FORMAT} manifest; run the build command again.")
+    shards = manifest.get("shards", {})
+    for name, record in sorted(shards.items()):
+        problem = check_shard(folder, name, record, subfolders=(config,))
+        if problem is not None:
+            raise ValueError(
+                f"{folder} is damaged: in shard {name}, {problem}. Run examples/build_lavit_dataset.py again with the "
+                "same arguments: it rebuilds exactly the damaged shards."
+            )
+    recorded = {relative for record in shards.values() for relative in record["files"] if relative.startswith(config)}
+    strays = sorted(p.relative_to(root).as_posix() for p in root.glob(f"{config}/*.parquet"))
+    strays = [relative for relative in strays if relative not in recorded]
+    if strays:
+        raise ValueError(
+            f"{folder} holds {strays}, which its build did not write; remove them (or rebuild in a new folder)."
+        )
+    return manifest
+
+
 def load_lavit_dataset(path: str | os.PathLike, config: str = "kept"):
     """Loads LaViT-15K (`config` `"kept"`: the training set, `"all"`: every processed sample with its flags) from a
-    local folder or a hub id, as a `datasets.Dataset` with decoded PIL images."""
+    local folder or a hub id, as a `datasets.Dataset` with decoded PIL images. A local folder is verified first
+    (`verify_lavit_folder`): an unfinished, damaged or altered build is refused with the fix."""
     from datasets import load_dataset
 
     if config not in ("kept", "all"):
         raise ValueError(f"LaViT-15K has the configs 'kept' and 'all', not {config!r}.")
     if not os.path.isdir(path):
+        if os.path.exists(path) or str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
+            raise ValueError(
+                f"{path} is neither a LaViT-15K folder nor a Hub dataset id (owner/name); build a folder with "
+                "examples/build_lavit_dataset.py --output-dir <folder>."
+            )
         return load_dataset(str(path), config, split="train")
+    verify_lavit_folder(path, config)
     shards = sorted(Path(path, config).glob("*.parquet"))
     if not shards:
         raise ValueError(
-            f"{path} has no '{config}' shards; build them with examples/build_lavit_dataset.py --output-dir {path}."
+            f"{path} has no '{config}' rows (every sample of the build was rejected); see its README.md for why."
         )
     # A local folder is read as it is now, not through the datasets cache: that cache keys a local folder by its
     # name and config alone, so a folder rebuilt (or another folder of the same name) would return stale rows.
@@ -543,7 +721,7 @@ def sample_as_dict(sample: VisualCoTSample) -> dict[str, Any]:
 # Publishing
 # ----------------------------------------------------------------------------------------------------------------
 
-UPLOAD_PATTERNS = ["README.md", "LICENSE.md", "builder_config.json", "skipped_records.jsonl", "kept/*.parquet",
+UPLOAD_PATTERNS = ["README.md", "LICENSE.md", "manifest.json", "builder_config.json", "skipped_records.jsonl", "kept/*.parquet",
                    "all/*.parquet", "rejections/*.jsonl"]
 
 
@@ -564,6 +742,8 @@ def push_dataset_to_hub(folder: str | os.PathLike, repo_id: str, private: bool =
     """
     if not (Path(folder) / "README.md").exists():
         raise ValueError(f"{folder} has no dataset card (README.md); finish the build before pushing.")
+    for config in ("kept", "all"):
+        verify_lavit_folder(folder, config)  # an unfinished or damaged build is not published
     plan = upload_plan(folder)
     if dry_run:
         return plan
@@ -593,6 +773,10 @@ __all__ = [
     "COLUMNS",
     "features",
     "write_parquet_atomic",
+    "commit_shard",
+    "check_shard",
+    "write_manifest",
+    "verify_lavit_folder",
     "load_lavit_dataset",
     "dataset_statistics",
     "render_dataset_card",

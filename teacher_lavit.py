@@ -36,13 +36,18 @@ from PIL import Image, UnidentifiedImageError
 from data_lavit import (
     VisualCoTSample,
     box_to_token_mask,
+    check_shard,
     clip_box,
+    commit_shard,
     dataset_statistics,
+    file_sha256,
     merged_token_grids,
+    read_shard_record,
     read_visual_cot,
     render_dataset_card,
     write_json_atomic,
     write_jsonl_atomic,
+    write_manifest,
     write_parquet_atomic,
 )
 from modeling_lavit import LavitAttentionControl, enable_lavit_attention, image_attention_capture, padded_positions
@@ -487,8 +492,11 @@ class BuilderConfig:
             raise ValueError("batch_size and shard_size must be positive.")
 
     def fingerprint(self) -> dict[str, Any]:
+        """The settings, and the Visual-CoT file by its content (sha256 of its bytes), not only its path: a file
+        edited in place between a killed run and its resume must not be resumed as if unchanged."""
         data = asdict(self)
         data["viscot_json"] = os.path.abspath(self.viscot_json)
+        data["viscot_json_sha256"] = file_sha256(self.viscot_json)
         data["image_root"] = os.path.abspath(self.image_root)
         data["stages"] = list(self.stages)
         return data
@@ -522,6 +530,9 @@ def _process_batch(model, processor, samples, config: BuilderConfig, judge) -> t
         except FileNotFoundError:
             rejections.append({"id": sample.id, "reason": "missing_image", "detail": sample.image})
             continue
+        except Image.DecompressionBombError as err:  # larger than PIL's Image.MAX_IMAGE_PIXELS allows
+            rejections.append({"id": sample.id, "reason": "image_too_large", "detail": f"{sample.image}: {err}"})
+            continue
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             rejections.append({"id": sample.id, "reason": "corrupt_image", "detail": f"{sample.image}: {err}"})
             continue
@@ -542,6 +553,13 @@ def _process_batch(model, processor, samples, config: BuilderConfig, judge) -> t
     rows = []
     for b, (sample, image, data) in enumerate(loaded):
         rows_, cols_ = signals.grid[b]
+        gaze = signals.gaze[b]
+        if not float(gaze.max() - gaze.min()) > 0:
+            # Equal attention everywhere says nothing about where to look, and its top-k target would be arbitrary.
+            rejections.append({"id": sample.id, "reason": "flat_gaze",
+                               "detail": f"{sample.image}: the teacher's gaze is {float(gaze[0])} on all {gaze.size} "
+                                         "image tokens"})
+            continue
         box_mask = box_to_token_mask(sample.bbox, image.size, (rows_, cols_))
         focus = s_focus(signals.gaze[b], box_mask)
         correct = bool(judge(responses[b], sample.answer, sample.source))
@@ -575,8 +593,9 @@ def _process_batch(model, processor, samples, config: BuilderConfig, judge) -> t
 
 
 def _write_shard(output_dir: str, name: str, rows: list[dict], rejections: list[dict]) -> None:
-    """Writes one shard's files, each atomically, the `done/` marker last: a shard is complete iff its marker
-    exists. Empty parquet files are not written (`datasets` cannot read them); a stale one is removed."""
+    """Writes one shard's files, each atomically, then its `done/` record with each file's size and sha256
+    (`data_lavit.commit_shard`): a shard is finished iff its record exists and intact iff its files match it. Empty
+    parquet files are not written (`datasets` cannot read them); a stale one is removed."""
     kept = [r for r in rows if r["kept"]]
     for folder, subset in (("kept", kept), ("all", rows)):
         path = Path(output_dir) / folder / f"{name}.parquet"
@@ -585,38 +604,73 @@ def _write_shard(output_dir: str, name: str, rows: list[dict], rejections: list[
         elif path.exists():
             path.unlink()
     write_jsonl_atomic(rejections, Path(output_dir) / "rejections" / f"{name}.jsonl")
-    write_json_atomic({"rows": len(rows), "kept": len(kept), "rejections": len(rejections)},
-                      Path(output_dir) / "done" / f"{name}.json")
+    commit_shard(output_dir, name, {"rows": len(rows), "kept": len(kept), "rejections": len(rejections)})
+
+
+def _adopt_legacy_shard(output_dir: str, name: str, record: dict) -> None:
+    """A shard finished by an older builder has a record without content hashes: if its parquet files read with
+    the row counts it recorded, its hashes are recorded now; otherwise it stays unverified (and is rebuilt)."""
+    import pyarrow.parquet as pq
+
+    for sub, count in (("kept", record.get("kept")), ("all", record.get("rows"))):
+        path = Path(output_dir) / sub / f"{name}.parquet"
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+        except Exception:  # noqa: BLE001 - any unreadable file means: not adoptable; the shard is rebuilt
+            return
+        if rows != count:
+            return
+    commit_shard(output_dir, name, {k: record[k] for k in ("rows", "kept", "rejections") if k in record})
+
+
+def shard_status(output_dir: str, name: str) -> str | None:
+    """None when shard `name` is finished and intact; otherwise why it must be (re)built."""
+    record = read_shard_record(output_dir, name)
+    if record is not None and not isinstance(record.get("files"), dict):
+        _adopt_legacy_shard(output_dir, name, record)
+        record = read_shard_record(output_dir, name)
+    return check_shard(output_dir, name, record)
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def check_output_dir(output_dir: str, config: BuilderConfig) -> None:
-    """Refuses an output folder that holds shards of another configuration; records the configuration otherwise."""
+def check_output_dir(output_dir: str, config: BuilderConfig, write: bool = True) -> dict[str, Any]:
+    """Refuses an output folder that holds shards of another configuration or of another input file content;
+    records the configuration otherwise (with `write`). Returns the fingerprint."""
     path = Path(output_dir) / "builder_config.json"
     fingerprint = config.fingerprint()
     if path.exists():
         existing = json.loads(path.read_text(encoding="utf-8"))
         if existing != fingerprint:
             diff = sorted(k for k in set(existing) | set(fingerprint) if existing.get(k) != fingerprint.get(k))
+            if diff == ["viscot_json_sha256"] and "viscot_json_sha256" in existing:
+                raise ValueError(
+                    f"{config.viscot_json} changed since {output_dir} was started (its content differs, same path): "
+                    "the finished shards hold records of the old file. Restore the file, or build in a new "
+                    "--output-dir."
+                )
             raise ValueError(
                 f"{output_dir} holds shards built with other arguments (they differ in {diff}); refusing to mix them. "
                 "Resume with the same arguments, or choose a new --output-dir."
             )
     elif any(Path(output_dir).glob("done/*.json")):
         raise ValueError(f"{output_dir} holds shards but no builder_config.json; choose a new --output-dir.")
-    else:
+    elif write:
         write_json_atomic(fingerprint, path)
+    return fingerprint
+
+
+def _planned_shards(config: BuilderConfig) -> list[str]:
+    samples, _ = read_visual_cot(config.viscot_json, config.sources, config.max_samples, config.seed)
+    return [shard_name(i) for i in range(-(-len(samples) // config.shard_size))]
 
 
 def plan_shards(config: BuilderConfig, output_dir: str) -> tuple[int, int]:
-    """`(shards in the plan, shards finished in output_dir)`."""
-    samples, _ = read_visual_cot(config.viscot_json, config.sources, config.max_samples, config.seed)
-    total = -(-len(samples) // config.shard_size)
-    done = sum((Path(output_dir) / "done" / f"{shard_name(i)}.json").exists() for i in range(total))
-    return total, done
+    """`(shards in the plan, shards finished and intact in output_dir)`."""
+    names = _planned_shards(config)
+    return len(names), sum(shard_status(output_dir, name) is None for name in names)
 
 
 def build_lavit_dataset(
@@ -640,14 +694,25 @@ def build_lavit_dataset(
     """
     from tqdm.auto import tqdm
 
+    # The inputs are read and checked before anything is written: a wrong path must not leave a folder that a
+    # corrected rerun would refuse as "built with other arguments".
+    samples, skipped = read_visual_cot(config.viscot_json, config.sources, config.max_samples, config.seed)
+    if not os.path.isdir(config.image_root):
+        raise ValueError(f"--image-root {config.image_root} is not a folder; pass the folder holding cot/<source>/.")
     os.makedirs(output_dir, exist_ok=True)
     check_output_dir(output_dir, config)
-    samples, skipped = read_visual_cot(config.viscot_json, config.sources, config.max_samples, config.seed)
     if process_index == 0:
         write_jsonl_atomic(skipped, Path(output_dir) / "skipped_records.jsonl")
     shards = [samples[i : i + config.shard_size] for i in range(0, len(samples), config.shard_size)]
     mine = [i for i in range(len(shards)) if i % num_processes == process_index]
-    todo = [i for i in mine if not (Path(output_dir) / "done" / f"{shard_name(i)}.json").exists()]
+    todo = []
+    for i in mine:
+        problem = shard_status(output_dir, shard_name(i))
+        if problem is not None and read_shard_record(output_dir, shard_name(i)) is not None:
+            logger.warning("Shard %s is rebuilt: %s.", shard_name(i), problem)
+            (Path(output_dir) / "done" / f"{shard_name(i)}.json").unlink()
+        if problem is not None:
+            todo.append(i)
     summary = BuildSummary(shards_skipped=len(mine) - len(todo))
     if not todo:
         return summary
@@ -682,7 +747,8 @@ def build_lavit_dataset(
 
 
 def finalize_dataset(output_dir: str, config: BuilderConfig, command: str) -> dict[str, Any]:
-    """Once every shard is built: the dataset card (README.md, with Tables A3 and A4) and a licence note.
+    """Once every shard is built: the manifest (every shard checked against its record), the dataset card
+    (README.md, with Tables A3 and A4) and a licence note.
 
     Returns the overall summary (processed = kept + rejected; skipped inputs apart).
     """
@@ -690,13 +756,20 @@ def finalize_dataset(output_dir: str, config: BuilderConfig, command: str) -> di
 
     for leftover in Path(output_dir).rglob(".*.tmp-*"):  # partial files of a killed run
         leftover.unlink()
+    inputs = check_output_dir(output_dir, config, write=False)
+    names = _planned_shards(config)
+    for name in names:
+        shard_status(output_dir, name)  # records the hashes of a shard an older builder finished
+    manifest = write_manifest(output_dir, names, inputs)  # refuses a missing or damaged shard, naming it
+    files = sorted(f for record in manifest["shards"].values() for f in record["files"])  # the build's, no strays
     columns = ["source", "question", "answer", "image_size", "gaze_grid", "v_sem_mean", "kept", "reject_reason"]
     all_rows = []
-    for path in sorted(Path(output_dir, "all").glob("*.parquet")):
-        all_rows += pq.read_table(path, columns=columns).to_pylist()
+    for relative in (f for f in files if f.startswith("all/")):
+        all_rows += pq.read_table(Path(output_dir, relative), columns=columns).to_pylist()
     kept_rows = [r for r in all_rows if r["kept"]]
     skipped = Counter()
-    for path in [Path(output_dir, "skipped_records.jsonl"), *sorted(Path(output_dir, "rejections").glob("*.jsonl"))]:
+    rejections = [Path(output_dir, f) for f in files if f.startswith("rejections/")]
+    for path in [Path(output_dir, "skipped_records.jsonl"), *rejections]:
         if path.exists():
             skipped.update(json.loads(line)["reason"] for line in path.read_text().splitlines() if line.strip())
     summary = {

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from data_lavit import COLUMNS, load_lavit_dataset, push_dataset_to_hub
+from data_lavit import COLUMNS, commit_shard, load_lavit_dataset, push_dataset_to_hub, write_manifest
 from teacher_lavit import BuilderConfig, build_lavit_dataset, finalize_dataset
 from viscot_fixture import write_viscot
 
@@ -102,6 +102,8 @@ def test_a_rebuilt_folder_is_read_as_it_is_now(reference, tmp_path):
     table = pa.concat_tables([pq.read_table(p) for p in sorted((out / "all").glob("*.parquet"))])
     pq.write_table(table.slice(0, 5), other / "all" / "shard-00000.parquet")
     shutil.copy(out / "README.md", other / "README.md")
+    commit_shard(other, "shard-00000", {"rows": 5, "kept": 0, "rejections": 0})  # as the builder records a shard
+    write_manifest(other, ["shard-00000"], {"generated_by": "this test"})
     second = load_lavit_dataset(other, "all")
     assert len(second) == 5 and second["id"] == table.column("id").to_pylist()[:5]
     assert len(load_lavit_dataset(out, "all")) == len(first) == 24
