@@ -7,6 +7,13 @@ prediction to a JSONL file as it comes (a killed run resumes where it stopped) a
 deterministic option-letter extractor. `render_report` lays the results out as Table 1, with the paper's numbers as
 reference rows.
 
+Nothing stale, partial or damaged is trusted. A loader pointed at another folder or a damaged file says which
+benchmark layout it expected and what it found there, naming the path (and the line of a broken JSON line). A
+predictions file is resumed only by a run of the same model name, benchmark, settings and weights: its header holds
+`model_fingerprint(model)`, a hash of the model's config and of up to 4096 evenly spread values of every weight
+tensor, so new weights saved at the same path are refused rather than scored with the old predictions (see
+`RunConfig`).
+
 Latent modes select how the latent tokens take part at inference: `forced` (the processor appends them, the
 default), `none` (no latent tokens: the base model's behaviour), `masked` (present, but no later query may attend
 to them: Table 3's "w/o latent tokens"), `zeroed` (their input embeddings are zero) and `shuffled` (each sample's
@@ -16,13 +23,14 @@ latent hidden states replaced by another sample's).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
 import os
 import re
 import string
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -119,14 +127,70 @@ def _bytes_image(data: Any, where: str) -> Callable[[], Image.Image]:
     return load
 
 
-def _check_answer(sample: EvalSample) -> EvalSample:
+def _check_answer(sample: EvalSample, where: str, option_format: str) -> EvalSample:
+    """`sample` when its options were read and its answer is one of their letters; a ValueError naming `where` (file
+    and line or row) otherwise."""
+    if not sample.options:
+        raise ValueError(
+            f"{sample.benchmark} {sample.id}: no options could be read from {where} (expected {option_format}); the "
+            "file is damaged or of another format."
+        )
     valid = LETTERS[: len(sample.options)]
     if sample.answer not in valid:
         raise ValueError(
             f"{sample.benchmark} {sample.id}: the answer {sample.answer!r} is not among the options "
-            f"{list(valid)} ({sample.options}); the file is damaged or of another format."
+            f"{list(valid)} ({sample.options}) in {where}; the file is damaged or of another format."
         )
     return sample
+
+
+def _check_unique(samples: list[EvalSample], where: str) -> list[EvalSample]:
+    """`samples` when their ids are unique (predictions are keyed on them); a ValueError otherwise."""
+    repeated = sorted(i for i, n in Counter(s.id for s in samples).items() if n > 1)
+    if repeated:
+        raise ValueError(
+            f"{where}: the id(s) {repeated[:5]} appear more than once; predictions are keyed on ids, so the file is "
+            "damaged or of another format."
+        )
+    return samples
+
+
+def _found(path: Path) -> str:
+    """What is at `path`, in words, for an error message."""
+    if not path.exists():
+        return "it does not exist"
+    if path.is_file():
+        return f"it is a file of {path.stat().st_size} bytes"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    if not names:
+        return "it is an empty folder"
+    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+    return f"it holds {', '.join(names[:8])}{more}"
+
+
+def _layout_error(benchmark: str, path: Path, layout: str, fix: str) -> ValueError:
+    return ValueError(f"{path} is not {benchmark}'s layout: expected {layout}; {_found(path)}. {fix}")
+
+
+def _read_parquet(path: Path, benchmark: str, columns: tuple[str, ...], layout: str) -> list[dict[str, Any]]:
+    """The rows of one parquet file of `benchmark`; a ValueError naming the file when it cannot be read or lacks one of
+    `columns`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(
+            f"{path} is not a readable parquet file ({err}); it is truncated or damaged: download {benchmark} again."
+        ) from err
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ValueError(
+            f"{path} lacks the column(s) {missing} of {benchmark}'s layout ({layout}); its columns are "
+            f"{table.column_names}. Point the loader at {benchmark}'s published file."
+        )
+    return table.to_pylist()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,51 +198,129 @@ def _check_answer(sample: EvalSample) -> EvalSample:
 # ----------------------------------------------------------------------------------------------------------------
 
 _MMVP_OPTION = re.compile(r"\(([a-zA-Z])\)\s*(.*?)(?=\s*\([a-zA-Z]\)\s*|$)")
+MMVP_COLUMNS = ("Index", "Question", "Options", "Correct Answer")
+MMVP_LAYOUT = (
+    "MMVP's folder: Questions.csv (columns Index, Question, Options, Correct Answer) with the images in "
+    "'MMVP Images/<Index>.jpg', or *.parquet file(s) with those columns and an image column"
+)
+
+
+def _mmvp_csv_rows(csv_path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """`(where, row)` for each row of MMVP's Questions.csv, every column present and filled."""
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in MMVP_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(
+                f"{csv_path} lacks the column(s) {missing} of MMVP's Questions.csv ({', '.join(MMVP_COLUMNS)}); its "
+                f"header is {reader.fieldnames or 'empty'}. Point --mmvp-dir at MMVP's release folder."
+            )
+        rows = []
+        for row in reader:
+            where = f"{csv_path} line {reader.line_num}"
+            short = [c for c in MMVP_COLUMNS if row.get(c) is None]
+            if short:
+                raise ValueError(
+                    f"{where}: the row ends before its {short} field(s); the file is truncated or damaged: download "
+                    "MMVP again."
+                )
+            rows.append((where, row))
+    return rows
 
 
 def load_mmvp(root: str | os.PathLike) -> list[EvalSample]:
     """MMVP from its release folder: `Questions.csv` (`Index,Question,Options,Correct Answer`, options such as
     `(a) Standing (b) Sitting`, answers such as `(a)`) with `MMVP Images/<Index>.jpg`, or the parquet variant with an
-    `image` column (`*.parquet` in `root`). Questions 2k-1 and 2k form pair k."""
-    root = Path(root)
-    csv_path = root / "Questions.csv"
-    if csv_path.exists():
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        images = {str(r["Index"]): _file_image(root / "MMVP Images" / f"{r['Index']}.jpg") for r in rows}
-    else:
-        parquets = sorted(root.glob("*.parquet")) if root.is_dir() else [root]
-        if not parquets:
-            raise ValueError(f"{root} holds neither MMVP's Questions.csv nor a parquet file.")
-        import pyarrow.parquet as pq
+    `image` column (`*.parquet` in `root`, or one parquet file). Questions 2k-1 and 2k form pair k.
 
-        rows = [r for p in parquets for r in pq.read_table(p).to_pylist()]
-        images = {str(r["Index"]): _bytes_image(r["image"], f"MMVP {r['Index']}") for r in rows}
+    Raises:
+        ValueError: `root` holds neither layout, a file is damaged or lacks a column, or a row has no options, an
+            answer outside them or a repeated index (each naming the file and line or row).
+    """
+    root = Path(root)
+    fix = "Point --mmvp-dir at MMVP's release folder (or its parquet file)."
+    csv_path = root / "Questions.csv"
+    if root.is_file() and root.suffix == ".csv":
+        csv_path, root = root, root.parent
+    if csv_path.is_file():
+        image_dir = root / "MMVP Images"
+        if not image_dir.is_dir():
+            raise _layout_error("MMVP", root, MMVP_LAYOUT, f"The images belong in {image_dir}.")
+        rows = _mmvp_csv_rows(csv_path)
+        images = {str(r["Index"]): _file_image(image_dir / f"{r['Index']}.jpg") for _, r in rows}
+    else:
+        if root.is_dir():
+            parquets = sorted(root.glob("*.parquet"))
+        elif root.is_file() and root.suffix == ".parquet":
+            parquets = [root]
+        else:
+            parquets = []
+        if not parquets:
+            raise _layout_error("MMVP", root, MMVP_LAYOUT, fix)
+        rows = [(f"{p} row {i}", r) for p in parquets
+                for i, r in enumerate(_read_parquet(p, "MMVP", (*MMVP_COLUMNS, "image"), MMVP_LAYOUT))]
+        images = {str(r["Index"]): _bytes_image(r["image"], f"MMVP {r['Index']}") for _, r in rows}
     samples = []
-    for row in rows:
-        index = str(row["Index"])
+    for where, row in rows:
+        index = str(row["Index"]).strip()
+        if not index.isdigit():
+            raise ValueError(f"{where}: the Index {index!r} is not a number; the file is damaged or of another format.")
         options = [text.strip() for _, text in _MMVP_OPTION.findall(str(row["Options"]))]
         answer = str(row["Correct Answer"]).strip().strip("()").upper()
         samples.append(_check_answer(EvalSample(
             benchmark="mmvp", id=index, question=str(row["Question"]).strip(), options=options, answer=answer,
             images=[images[index]], pair=(int(index) + 1) // 2,
-        )))
-    return samples
+        ), where, "options such as '(a) Yes (b) No'"))
+    return _check_unique(samples, str(csv_path if csv_path.is_file() else root))
 
 
 _INLINE_OPTION = re.compile(r"^\s*\(([A-Z])\)\s*(.+?)\s*$")
 
 
+VSTAR_FIELDS = ("image", "text", "question_id", "label")
+VSTAR_LAYOUT = (
+    "V*Bench's folder: test_questions.jsonl (one JSON object a line with image, text, category, question_id, label) "
+    "beside the image folders (direct_attributes/, relative_position/)"
+)
+
+
+def _json_line(line: str, where: str, fix: str) -> Any:
+    """One line of a JSONL file, parsed; a ValueError naming `where` (file and line) when it is not JSON."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is not valid JSON ({err.msg}, column {err.colno}): {fix}") from err
+
+
 def load_vstar(root: str | os.PathLike, category: str | None = "direct_attributes") -> list[EvalSample]:
     """V*Bench from `test_questions.jsonl` (`image` path relative to the file, `text` with the options inline as
     `(A) ...` lines, `category`, `question_id`, `label` letter); `category` filters (the paper's 115 direct-attribute
-    questions by default; None keeps all)."""
-    path = Path(root) / "test_questions.jsonl" if Path(root).is_dir() else Path(root)
+    questions by default; None keeps all).
+
+    Raises:
+        ValueError: no `test_questions.jsonl` at `root`, a line that is not JSON or lacks a field, no question of
+            `category`, a question without options or with an answer outside them, or a repeated question_id (each
+            naming the file and line).
+    """
+    root = Path(root)
+    path = root / "test_questions.jsonl" if root.is_dir() else root
+    if not path.is_file():
+        raise _layout_error("V*Bench", root, VSTAR_LAYOUT, "Point --vstar-dir at V*Bench's folder.")
     samples = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    categories: set[str] = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        where = f"{path} line {number}"
+        row = _json_line(line, where, "the file is truncated or damaged: download V*Bench again.")
+        missing = [k for k in VSTAR_FIELDS if not isinstance(row, dict) or k not in row]
+        if missing:
+            found = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(
+                f"{where} lacks the field(s) {missing} of V*Bench's questions ({', '.join(VSTAR_FIELDS)}, category); "
+                f"it has {found}. The file is damaged or of another format."
+            )
+        categories.add(str(row.get("category")))
         if category is not None and row.get("category") != category:
             continue
         question_lines, options = [], []
@@ -192,32 +334,53 @@ def load_vstar(root: str | os.PathLike, category: str | None = "direct_attribute
             benchmark="vstar", id=str(row["question_id"]), question="\n".join(question_lines).strip(), options=options,
             answer=str(row["label"]).strip().strip("()").upper(), images=[_file_image(path.parent / row["image"])],
             category=str(row.get("category", "")),
-        )))
-    return samples
+        ), where, "'(A) ...' lines in its text"))
+    if not samples:
+        wanted = f"of category {category!r} " if category is not None else ""
+        raise ValueError(
+            f"{path} holds no question {wanted}(its categories: {sorted(categories)}); choose one of those, or point "
+            "--vstar-dir at V*Bench's folder."
+        )
+    return _check_unique(samples, str(path))
+
+
+BLINK_COLUMNS = ("idx", "question", "image_1", "choices", "answer")
+BLINK_LAYOUT = (
+    "BLINK's folder: <Task>/val-*.parquet for each subtask (columns idx, question, image_1 ... image_4, choices, "
+    "answer)"
+)
 
 
 def load_blink(root: str | os.PathLike, tasks: list[str] | tuple[str, ...] = BLINK_PAPER_TASKS) -> list[EvalSample]:
     """BLINK from `<Task>/val-00000-of-00001.parquet` (`idx`, `question`, `sub_task`, `image_1` ... `image_4` as image
     structs or null, `choices`, `answer` such as `(A)`, `prompt`), for the given subtasks (the paper's four by
-    default; any of `BLINK_TASKS` by name)."""
-    import pyarrow.parquet as pq
+    default; any of `BLINK_TASKS` by name).
 
+    Raises:
+        ValueError: an unknown task, a task folder without `val-*.parquet`, a damaged file or one that lacks a column,
+            a question without choices or with an answer outside them, or a repeated idx (each naming the file).
+    """
     unknown = [t for t in tasks if t not in BLINK_TASKS]
     if unknown:
         raise ValueError(f"Unknown BLINK task(s) {unknown}; the tasks are: {', '.join(BLINK_TASKS)}.")
+    root = Path(root)
     samples = []
     for task in tasks:
-        files = sorted((Path(root) / task).glob("val-*.parquet"))
+        files = sorted((root / task).glob("val-*.parquet"))
         if not files:
-            raise ValueError(f"No {task}/val-*.parquet under {root}; download BLINK's {task} split there.")
-        for row in (r for f in files for r in pq.read_table(f).to_pylist()):
-            images = [_bytes_image(row[f"image_{i}"], f"BLINK {task} {row['idx']}") for i in range(1, 5)
-                      if row.get(f"image_{i}") is not None]
-            samples.append(_check_answer(EvalSample(
-                benchmark=f"blink/{task}", id=str(row["idx"]), question=str(row["question"]).strip(),
-                options=[str(c) for c in row["choices"]], answer=str(row["answer"]).strip().strip("()").upper(),
-                images=images, category=task,
-            )))
+            raise _layout_error("BLINK", root, BLINK_LAYOUT, f"Download BLINK's {task} split into {root / task}, or "
+                                "point --blink-dir at the folder that holds the task folders.")
+        task_samples = []
+        for file in files:
+            for i, row in enumerate(_read_parquet(file, "BLINK", BLINK_COLUMNS, BLINK_LAYOUT)):
+                images = [_bytes_image(row[f"image_{k}"], f"BLINK {task} {row['idx']}") for k in range(1, 5)
+                          if row.get(f"image_{k}") is not None]
+                task_samples.append(_check_answer(EvalSample(
+                    benchmark=f"blink/{task}", id=str(row["idx"]), question=str(row["question"]).strip(),
+                    options=[str(c) for c in row["choices"] or []],
+                    answer=str(row["answer"]).strip().strip("()").upper(), images=images, category=task,
+                ), f"{file} row {i}", "a list of choices"))
+        samples += _check_unique(task_samples, str(root / task))
     return samples
 
 
@@ -225,15 +388,32 @@ _MMSTAR_OPTIONS = re.compile(r"Options:\s*(.*)$", re.S)
 _MMSTAR_SPLIT = re.compile(r"(?:^|,\s*)([A-F]):\s*")
 
 
+MMSTAR_COLUMNS = ("index", "question", "image", "answer")
+MMSTAR_LAYOUT = (
+    "MMStar's mmstar.parquet (columns index, question with 'Options: A: ..., B: ...', image, answer, category)"
+)
+
+
 def load_mmstar(path: str | os.PathLike) -> list[EvalSample]:
     """MMStar from `mmstar.parquet` (`index`, `question` with the options inline after `Options:` as `A: ..., B:
-    ...`, `image`, `answer` letter, `category`, `l2_category`)."""
-    import pyarrow.parquet as pq
+    ...`, `image`, `answer` letter, `category`, `l2_category`), or every parquet file of a folder.
 
+    Raises:
+        ValueError: no parquet file at `path`, a damaged file or one that lacks a column, a question without options
+            or with an answer outside them, or a repeated index (each naming the file and row).
+    """
     path = Path(path)
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+    elif path.is_file() and path.suffix == ".parquet":
+        files = [path]
+    else:
+        files = []
+    if not files:
+        raise _layout_error("MMStar", path, MMSTAR_LAYOUT, "Point --mmstar-path at MMStar's mmstar.parquet.")
     samples = []
-    for row in (r for f in files for r in pq.read_table(f).to_pylist()):
+    for where, row in ((f"{f} row {i}", r) for f in files
+                       for i, r in enumerate(_read_parquet(f, "MMStar", MMSTAR_COLUMNS, MMSTAR_LAYOUT))):
         question = str(row["question"])
         match = _MMSTAR_OPTIONS.search(question)
         options = []
@@ -244,8 +424,8 @@ def load_mmstar(path: str | os.PathLike) -> list[EvalSample]:
             benchmark="mmstar", id=str(row["index"]), question=question.strip(), options=options,
             answer=str(row["answer"]).strip().upper(), images=[_bytes_image(row["image"], f"MMStar {row['index']}")],
             category=str(row.get("category", "")), options_in_question=True,
-        )))
-    return samples
+        ), where, "the options after 'Options:' in the question, as 'A: ..., B: ...'"))
+    return _check_unique(samples, str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -362,9 +542,54 @@ def score(records: list[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+FINGERPRINT_VALUES = 4096
+
+
+def _plain_config(value: Any) -> Any:
+    """A config dict without the fields that name where it came from (`_name_or_path`, `_commit_hash`, ...) or which
+    transformers wrote it; everything that shapes the model stays."""
+    if isinstance(value, dict):
+        return {str(k): _plain_config(v) for k, v in value.items()
+                if not str(k).startswith("_") and k != "transformers_version"}
+    if isinstance(value, (list, tuple)):
+        return [_plain_config(v) for v in value]
+    return value
+
+
+def model_fingerprint(model, values_per_tensor: int = FINGERPRINT_VALUES) -> str:
+    """A cheap fingerprint of `model`'s content: 16 hex digits of a SHA-256 over its config (less the fields that name
+    its path or the transformers version) and, for every tensor of its state dict in order, the name, shape, dtype and
+    the bytes of at most `values_per_tensor` values at evenly spread positions of the flattened tensor (its first and
+    last values among them; every value of a smaller tensor).
+
+    Computed from the loaded model (no file is read again), it costs one small gather per tensor, whatever the model's
+    size. Any training step, another seed or a reload in another dtype changes it; an edit confined to values
+    between the sampled positions (one number changed by hand) would not, which is the price of not hashing every
+    weight.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(_plain_config(model.config.to_dict()), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            count = min(flat.numel(), values_per_tensor)  # evenly spread positions, the first and the last among them
+            positions = torch.arange(count, dtype=torch.int64) * (flat.numel() - 1) // max(count - 1, 1)
+            sample = flat[positions.to(flat.device)].cpu()
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+            digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class RunConfig:
-    """What decides a predictions file's content; a resumed run must match it."""
+    """What decides a predictions file's content; a resumed run must match it.
+
+    `weights` is `model_fingerprint(model)`: the predictions file is keyed on the model's content, not only on its
+    name or path. When the weights at a path change (a new training run saved there, another dtype), the old file is
+    refused with a message that names it, rather than resumed (its predictions would score the old weights) or
+    overwritten (they are a result of their own); deleting the file or choosing a new output path evaluates the new
+    weights.
+    """
 
     model: str
     benchmark: str
@@ -372,13 +597,19 @@ class RunConfig:
     template: str = PROMPT_TEMPLATE
     instruction: str = DEFAULT_INSTRUCTION
     max_new_tokens: int = 16
+    weights: str = ""
 
     def header(self) -> dict[str, Any]:
         return {"_header": asdict(self)}
 
 
+PREDICTION_FIELDS = ("id", "benchmark", "response", "prediction", "answer")
+
+
 def read_predictions(path: str | os.PathLike, config: RunConfig) -> dict[str, dict]:
-    """The records already in `path` (by id); refuses a file written for another model, benchmark or setting."""
+    """The records already in `path` (by id). A last line cut by a killed run is dropped; a file written for another
+    model, weights, benchmark or setting, or with a damaged line, is refused with a ValueError naming it (and the
+    line) and the fix."""
     path = Path(path)
     if not path.exists():
         return {}
@@ -386,17 +617,39 @@ def read_predictions(path: str | os.PathLike, config: RunConfig) -> dict[str, di
     if text and not text.endswith("\n"):  # a run killed in the middle of a write: drop the partial line
         text = text[: text.rfind("\n") + 1]
         path.write_text(text, encoding="utf-8")
-    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
-    if not lines or "_header" not in lines[0]:
+    fix = "the predictions file is damaged; delete it to predict its questions again, or use a new output path."
+    lines = [(number, _json_line(line, f"{path} line {number}", fix))
+             for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines or not isinstance(lines[0][1], dict) or "_header" not in lines[0][1]:
         raise ValueError(f"{path} is not a predictions file of this harness (no header line); choose another path.")
-    header = lines[0]["_header"]
-    if header != config.header()["_header"]:
-        diff = sorted(k for k in set(header) | set(asdict(config)) if header.get(k) != asdict(config).get(k))
+    header = lines[0][1]["_header"]
+    expected = asdict(config)
+    if header != expected:
+        diff = sorted(k for k in set(header) | set(expected) if header.get(k) != expected.get(k))
+        if "weights" in diff and not header.get("weights"):
+            raise ValueError(
+                f"{path} was written without a weights fingerprint (by an older version of this harness), so which "
+                "weights made its predictions is unknown; it is not resumed. Delete the file to evaluate the current "
+                "weights, or use a new output path."
+            )
+        if "weights" in diff:
+            raise ValueError(
+                f"{path} holds predictions made by other weights (fingerprint {header['weights']} when "
+                f"written, {config.weights} now: the checkpoint {config.model} changed since, or was loaded in "
+                "another dtype); its predictions would score the old weights, so it is not resumed. Delete the file "
+                "to evaluate the current weights, or use a new output path."
+            )
         raise ValueError(
             f"{path} holds predictions of another run (it differs in {diff}: {[header.get(k) for k in diff]}); "
             "refusing to resume into it. Use a new output path."
         )
-    return {r["id"]: r for r in lines[1:]}
+    records = {}
+    for number, record in lines[1:]:
+        missing = [k for k in PREDICTION_FIELDS if not isinstance(record, dict) or k not in record]
+        if missing:
+            raise ValueError(f"{path} line {number} is no prediction record (it lacks {missing}): {fix}")
+        records[record["id"]] = record
+    return records
 
 
 @dataclass
@@ -445,11 +698,19 @@ def evaluate(
 
     Every prediction is appended to `predictions_path` (JSONL, a header line first) as soon as its batch is done;
     ids already there are skipped. A sample whose image is missing or corrupt is counted and recorded as skipped.
+    The header holds `model_fingerprint(model)`: a file written by other weights (new ones saved at the same path) is
+    refused, as is one of another model name, benchmark or setting, or one whose recorded answers differ from the
+    samples' (the benchmark files changed); nothing is written before these checks pass (see `RunConfig`).
     """
     from tqdm.auto import tqdm
 
     if mode not in LATENT_MODES:
         raise ValueError(f"mode must be one of {LATENT_MODES}, got {mode!r}.")
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive whole number, got {value!r}.")
+    if not samples:
+        raise ValueError("No samples to evaluate: the loader returned none; check the benchmark path and filters.")
     benchmarks = {s.benchmark.split("/")[0] for s in samples}
     if len(benchmarks) != 1:
         raise ValueError(f"evaluate takes one benchmark at a time, got {sorted(benchmarks)}.")
@@ -461,13 +722,23 @@ def evaluate(
     if mode == "shuffled" and batch_size < 2:
         raise ValueError("The shuffled mode swaps latent states between the samples of a batch: batch_size >= 2.")
     config = RunConfig(model=model_name or str(getattr(model.config, "_name_or_path", "")), benchmark=benchmarks.pop(),
-                       mode=mode, template=template, instruction=instruction, max_new_tokens=max_new_tokens)
+                       mode=mode, template=template, instruction=instruction, max_new_tokens=max_new_tokens,
+                       weights=model_fingerprint(model))
     done = read_predictions(predictions_path, config)
+    changed = [s.id for s in samples if s.id in done and (done[s.id]["answer"], done[s.id]["benchmark"])
+               != (s.answer, s.benchmark)]
+    if changed:
+        raise ValueError(
+            f"{predictions_path} holds predictions whose recorded answer or benchmark differs from the samples' now "
+            f"(ids {changed[:5]}, {len(changed)} in all): the benchmark files changed since it was written. Delete "
+            "the file to evaluate the current files, or use a new output path."
+        )
     path = Path(predictions_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         path.write_text(json.dumps(config.header()) + "\n", encoding="utf-8")
-    result = RunResult(records=[done[s.id] for s in samples if s.id in done], resumed=len(done))
+    resumed = [done[s.id] for s in samples if s.id in done]
+    result = RunResult(records=resumed, resumed=len(resumed))
     todo = [s for s in samples if s.id not in done]
     bar = tqdm(total=len(todo), unit="q", disable=not progress, desc=f"{config.benchmark} [{mode}]")
     for start in range(0, len(todo), batch_size):
@@ -500,6 +771,34 @@ def evaluate(
         bar.update(len(todo[start : start + batch_size]))
     bar.close()
     return result
+
+
+CHECKPOINT_TYPES = ("lavit", "qwen2_5_vl")
+
+
+def check_checkpoint(model: str, stock: bool) -> str:
+    """The `model_type` in `model`'s config.json (a folder or a hub id), read before any weight is loaded; a ValueError
+    that names the fix when it does not fit `stock` (a stock Qwen2.5-VL model evaluated as the baseline) or is
+    neither kind."""
+    from transformers import PreTrainedConfig
+
+    model_type = PreTrainedConfig.get_config_dict(model)[0].get("model_type")
+    if model_type not in CHECKPOINT_TYPES:
+        raise ValueError(
+            f"{model} has model_type {model_type!r} in its config.json; evaluation takes a LaViT checkpoint "
+            "(model_type 'lavit') or, with --stock, a stock Qwen2.5-VL one (model_type 'qwen2_5_vl')."
+        )
+    if stock and model_type == "lavit":
+        raise ValueError(
+            f"{model} is a LaViT checkpoint (model_type 'lavit' in its config.json), not a stock Qwen2.5-VL one: drop "
+            "--stock (with --modes none it runs without latent tokens)."
+        )
+    if not stock and model_type == "qwen2_5_vl":
+        raise ValueError(
+            f"{model} is a stock Qwen2.5-VL checkpoint (model_type 'qwen2_5_vl' in its config.json): pass --stock to "
+            "evaluate it as the baseline, or convert it with examples/convert_qwen2_5_vl.py to evaluate it as LaViT."
+        )
+    return model_type
 
 
 def render_report(results: dict[str, dict[str, Any]], include_paper: bool = True) -> tuple[str, dict[str, Any]]:
@@ -543,8 +842,10 @@ __all__ = [
     "extract_option",
     "score",
     "RunConfig",
+    "model_fingerprint",
     "read_predictions",
     "evaluate",
+    "check_checkpoint",
     "render_report",
     "LATENT_MODES",
     "BLINK_TASKS",

@@ -7,8 +7,12 @@ Tested with (CPU, a tiny model and benchmark files generated in their real schem
     python examples/evaluate.py --model lavit-tiny --mmvp-dir MMVP --vstar-dir vstar_bench --blink-dir BLINK \
         --mmstar-path MMStar/mmstar.parquet --modes forced none masked --output-dir eval --batch-size 4
 
-A stock baseline through the same harness: --model Qwen/Qwen2.5-VL-3B-Instruct --stock (mode `none`).
-A killed run started again with the same arguments resumes each predictions file where it stopped.
+A stock baseline through the same harness: --model Qwen/Qwen2.5-VL-3B-Instruct --stock (mode `none`); the
+checkpoint's config.json decides, before anything is loaded, whether --stock fits it.
+A killed run started again with the same arguments resumes each predictions file where it stopped. The files are
+keyed on the model's content as well as its path: after new weights were saved at the same path, a run into the same
+--output-dir is refused (the old predictions would be scored as the new model's); delete those files or choose a new
+--output-dir. Counts (--limit, --batch-size, --max-new-tokens) must be positive; a bad one exits before any loading.
 """
 
 from __future__ import annotations
@@ -17,9 +21,17 @@ import argparse
 import json
 import logging
 import os
+import re
 
-from evaluation_lavit import BLINK_PAPER_TASKS, LATENT_MODES, evaluate, load_blink, load_mmstar, load_mmvp, load_vstar
-from evaluation_lavit import render_report, score
+from evaluation_lavit import BLINK_PAPER_TASKS, BLINK_TASKS, LATENT_MODES, check_checkpoint, evaluate, load_blink
+from evaluation_lavit import load_mmstar, load_mmvp, load_vstar, render_report, score
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count or size: a whole number of at least 1."""
+    if not re.fullmatch(r"[0-9]+", text.strip()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,13 +43,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vstar-dir", default=None, help="V*Bench folder with test_questions.jsonl")
     parser.add_argument("--vstar-category", default="direct_attributes", help="V* category ('all' for every one)")
     parser.add_argument("--blink-dir", default=None, help="BLINK folder with <Task>/val-00000-of-00001.parquet")
-    parser.add_argument("--blink-tasks", nargs="+", default=list(BLINK_PAPER_TASKS), help="BLINK subtasks")
+    parser.add_argument("--blink-tasks", nargs="+", default=list(BLINK_PAPER_TASKS), choices=BLINK_TASKS,
+                        help="BLINK subtasks")
     parser.add_argument("--mmstar-path", default=None, help="MMStar's mmstar.parquet")
     parser.add_argument("--modes", nargs="+", default=["forced"], choices=LATENT_MODES, help="latent modes to run")
     parser.add_argument("--output-dir", required=True, help="where predictions and the report go")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--limit", type=int, default=None, help="first N questions of each benchmark (a quick look)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="questions generated together (>= 1)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=16, help="answer length in tokens (>= 1)")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="first N questions of each benchmark, N >= 1 (a quick look; default: all)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--no-progress", action="store_true")
@@ -47,6 +61,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_checkpoint(args.model, args.stock)  # --stock against config.json's model_type, before any loading
+    benchmarks = {}
+    if args.mmvp_dir:
+        benchmarks["mmvp"] = load_mmvp(args.mmvp_dir)
+    if args.vstar_dir:
+        benchmarks["vstar"] = load_vstar(args.vstar_dir, None if args.vstar_category == "all" else args.vstar_category)
+    if args.blink_dir:
+        for sample in load_blink(args.blink_dir, args.blink_tasks):
+            benchmarks.setdefault(sample.benchmark, []).append(sample)
+    if args.mmstar_path:
+        benchmarks["mmstar"] = load_mmstar(args.mmstar_path)
+    if not benchmarks:
+        raise SystemExit("Give at least one benchmark: --mmvp-dir, --vstar-dir, --blink-dir or --mmstar-path.")
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -63,24 +90,12 @@ def main(argv=None) -> None:
 
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
         modes = args.modes
-    benchmarks = {}
-    if args.mmvp_dir:
-        benchmarks["mmvp"] = load_mmvp(args.mmvp_dir)
-    if args.vstar_dir:
-        benchmarks["vstar"] = load_vstar(args.vstar_dir, None if args.vstar_category == "all" else args.vstar_category)
-    if args.blink_dir:
-        for sample in load_blink(args.blink_dir, args.blink_tasks):
-            benchmarks.setdefault(sample.benchmark, []).append(sample)
-    if args.mmstar_path:
-        benchmarks["mmstar"] = load_mmstar(args.mmstar_path)
-    if not benchmarks:
-        raise SystemExit("Give at least one benchmark: --mmvp-dir, --vstar-dir, --blink-dir or --mmstar-path.")
     name = args.name or os.path.basename(os.path.normpath(args.model))
     rows = {}
     for mode in modes:
         records, skipped = [], []
         for benchmark, samples in benchmarks.items():
-            samples = samples[: args.limit] if args.limit else samples
+            samples = samples[: args.limit] if args.limit is not None else samples
             path = os.path.join(args.output_dir, f"predictions-{benchmark.replace('/', '-')}-{mode}.jsonl")
             result = evaluate(model, processor, samples, path, mode=mode, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens, model_name=args.model, progress=not args.no_progress)
