@@ -22,12 +22,12 @@ from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
     GenerationConfig,
-    PretrainedConfig,
     PreTrainedModel,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
 )
 
+from cli_lavit import check_output_dir, checkpoint_model_type
 from configuration_lavit import LavitConfig
 from modeling_lavit import LavitForConditionalGeneration
 from processing_lavit import LavitProcessor, latent_token_strings, remove_latent_tokens_from_chat_template
@@ -90,7 +90,7 @@ def _not_qwen_message(name, model_type) -> str:
 
 def _load_base(base, tokenizer, image_processor, dtype):
     if isinstance(base, (str, os.PathLike)):
-        model_type = PretrainedConfig.get_config_dict(base)[0].get("model_type")
+        model_type = checkpoint_model_type(os.fspath(base))
         if model_type != "qwen2_5_vl":  # checked before the weights are read
             raise ValueError(_not_qwen_message(base, model_type))
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base, dtype=dtype)
@@ -134,6 +134,8 @@ def convert_qwen2_5_vl_to_lavit(
         dtype: dtype to load a checkpoint in (`"auto"`: as stored).
         seed: seeds the concept head's initialisation.
     """
+    if isinstance(base, (str, os.PathLike)):
+        check_output_dir(os.fspath(output_dir), os.fspath(base))  # before the weights are read
     model, tokenizer, image_processor, base_name = _load_base(base, tokenizer, image_processor, dtype)
     if getattr(model.config, "model_type", None) != "qwen2_5_vl" or isinstance(model, LavitForConditionalGeneration):
         raise ValueError(_not_qwen_message(base_name, getattr(model.config, "model_type", None)))
@@ -243,6 +245,11 @@ def export_to_qwen2_5_vl(lavit_dir: str | os.PathLike, output_dir: str | os.Path
     `force_latent_tokens=False`, which takes the latent block out of the chat template.
     """
     lavit_dir, output_dir = os.fspath(lavit_dir), os.fspath(output_dir)
+    model_type = checkpoint_model_type(lavit_dir)
+    if model_type != "lavit":
+        raise ValueError(f"{lavit_dir} is a '{model_type}' checkpoint, not a LaViT one; export takes a converted or "
+                         "trained LaViT checkpoint (a stock Qwen2.5-VL one is stock already).")
+    check_output_dir(output_dir, lavit_dir)
     lavit_config = LavitConfig.from_pretrained(lavit_dir)
     if lavit_config.latent_token_ids is None:
         raise ValueError(f"{lavit_dir} is not a converted LaViT checkpoint (config.latent_token_ids is missing).")

@@ -780,9 +780,9 @@ def check_checkpoint(model: str, stock: bool) -> str:
     """The `model_type` in `model`'s config.json (a folder or a hub id), read before any weight is loaded; a ValueError
     that names the fix when it does not fit `stock` (a stock Qwen2.5-VL model evaluated as the baseline) or is
     neither kind."""
-    from transformers import PreTrainedConfig
+    from cli_lavit import checkpoint_model_type
 
-    model_type = PreTrainedConfig.get_config_dict(model)[0].get("model_type")
+    model_type = checkpoint_model_type(model)
     if model_type not in CHECKPOINT_TYPES:
         raise ValueError(
             f"{model} has model_type {model_type!r} in its config.json; evaluation takes a LaViT checkpoint "

@@ -232,9 +232,10 @@ def gaze_topk_weights(gaze: torch.Tensor, mask: torch.Tensor, top_k: int = 8, ep
     weights = torch.zeros_like(gaze).scatter(1, top.indices, top.values.clamp_min(0))
     weights = weights * mask
     total = weights.sum(dim=1, keepdim=True)
-    # A flat gaze (all equal) normalises to zeros: fall back to uniform weights over the top-k positions.
-    uniform = torch.zeros_like(gaze).scatter(1, top.indices, 1.0) * mask
-    weights = torch.where(total > 0, weights, uniform)
+    # A flat gaze (all equal) normalises to zeros and names no top-k (topk would pick arbitrary, position-biased
+    # ties): it falls back to uniform weights over every real token, favouring none. (The builder skips such
+    # samples and the trainer refuses them; this keeps the pooling defined.)
+    weights = torch.where(total > 0, weights, mask.to(weights.dtype))
     return weights / weights.sum(dim=1, keepdim=True).clamp_min(eps)
 
 

@@ -18,19 +18,25 @@ sections 4.2-4.2.3, 5.1, Table 3, appendix A.2 and C.2).
 from __future__ import annotations
 
 import copy
+import io
+import json
 import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from configuration_lavit import parse_latent_layers, resolve_latent_layers
-from data_lavit import merged_token_grids, resize_gaze
+from data_lavit import merged_token_grids, resize_gaze, write_json_atomic
 from modeling_lavit import LavitForConditionalGeneration, concept_loss, trajectory_loss
 from processing_lavit import LavitProcessor
 from teacher_lavit import gaze_topk_weights
@@ -129,10 +135,12 @@ class SensoryGateCallback(TrainerCallback):
 
 def sparsify_gaze(gaze: torch.Tensor, top_k: int = 8, eps: float = 1e-8) -> torch.Tensor:
     """Min-max normalises a map (equation 3), keeps its `top_k` largest entries and normalises them to a
-    distribution (the trajectory target of equation 7). A flat map spreads evenly over its first `top_k` entries.
+    distribution (the trajectory target of equation 7). A flat map (which the builder skips and the trainer refuses)
+    spreads evenly over all its entries, favouring none.
 
     Args:
-        gaze: any shape. Returns: same shape, non-negative, summing to 1, at most `top_k` non-zeros.
+        gaze: any shape. Returns: same shape, non-negative, summing to 1, at most `top_k` non-zeros (a flat map:
+            all).
     """
     flat = torch.as_tensor(gaze, dtype=torch.float32).reshape(1, -1)
     weights = gaze_topk_weights(flat, torch.ones_like(flat, dtype=torch.bool), top_k, eps)  # equation 3's pooling
@@ -247,6 +255,11 @@ class LavitSFTConfig(SFTConfig):
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Deprecated alias of activation_checkpointing."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh in an output_dir that holds another run (its checkpoints are removed first); "
+                          "without it such a folder is refused unless resume_from_checkpoint is given."},
+    )
 
     def __post_init__(self):
         if self.bf16 is None:
@@ -301,6 +314,124 @@ class LavitSFTConfig(SFTConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Checks of the teacher's targets
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def gaze_problem(gaze: np.ndarray, grid: tuple[int, int]) -> str | None:
+    """Why a sample's gaze cannot make a trajectory target, or None."""
+    if grid[0] < 1 or grid[1] < 1:
+        return f"its gaze_grid {list(grid)} has no cells"
+    if gaze.size != grid[0] * grid[1]:
+        return f"its gaze has {gaze.size} values but its gaze_grid {list(grid)} holds {grid[0] * grid[1]}"
+    if not np.isfinite(gaze).all():
+        return "its gaze holds NaN or inf"
+    if not float(gaze.max() - gaze.min()) > 0:
+        return (f"its gaze is flat ({float(gaze[0])} on every cell): it says nothing about where to look, and its "
+                "top-k target would be arbitrary")
+    return None
+
+
+def check_gaze_columns(gaze_column, grid_column, id_column, name: str) -> None:
+    """Scans a dataset's `gaze` and `gaze_grid` (pyarrow columns) once, before training: every sample must give a
+    trajectory target. Raises a `ValueError` naming the samples (up to 5), their count and the fix."""
+    import pyarrow as pa
+
+    gaze_column = gaze_column.combine_chunks() if isinstance(gaze_column, pa.ChunkedArray) else gaze_column
+    grids = np.asarray(grid_column.to_pylist() if len(grid_column) else [], dtype=np.int64).reshape(-1, 2)
+    offsets = np.asarray(gaze_column.offsets)
+    values = np.asarray(gaze_column.flatten().to_numpy(zero_copy_only=False), dtype=np.float64)
+    bad = []
+    for i in range(len(grids)):
+        problem = gaze_problem(values[offsets[i]:offsets[i + 1]], (int(grids[i, 0]), int(grids[i, 1])))
+        if problem is not None:
+            bad.append((id_column[i].as_py() if id_column is not None else f"#{i}", problem))
+    if bad:
+        shown = "; ".join(f"sample {sample}: {problem}" for sample, problem in bad[:5])
+        raise ValueError(
+            f"{len(bad)} samples of the {name} dataset cannot give a trajectory target ({shown}). Rebuild the dataset "
+            "with examples/build_lavit_dataset.py (which skips such samples with their reason), or filter them out."
+        )
+
+
+RUN_RECORD = "lavit_run.json"
+RUN_SETTINGS = ("distill", "concept_loss_coef", "trajectory_loss_coef", "gate_schedule", "gate_warmup_steps",
+                "gate_epsilon", "concept_target", "trajectory_target_tokens", "trajectory_topk", "response_column",
+                "latent_attention_layers", "freeze_vision_tower", "learning_rate", "lr_scheduler_type", "max_steps",
+                "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
+RUN_FILES = ("trainer_state.json", "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+             "training_args.bin", RUN_RECORD)
+
+
+def run_settings(args) -> dict[str, Any]:
+    """The settings that make a LaViT run what it is, recorded in output_dir as `lavit_run.json`."""
+    return {name: getattr(args, name) for name in RUN_SETTINGS}
+
+
+def previous_run_files(folder: Path) -> list[str]:
+    """The files and checkpoints of an earlier training run in `folder` (empty when there is none)."""
+    if not folder.is_dir():
+        return []
+    found = sorted(p.name for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir())
+    return found + [name for name in RUN_FILES if (folder / name).exists()]
+
+
+def resolve_resume(value: str | bool | None, output_dir: str) -> str | None:
+    """`resume_from_checkpoint` as a path or None: True (or "true", as a command line gives it) means the latest
+    checkpoint in `output_dir`; "false" or "" means none; a path must exist."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1"):
+        value = True
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "false", "no", "0")):
+        return None
+    if value is True:
+        latest = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if latest is None:
+            raise ValueError(
+                f"resume_from_checkpoint=True, but {output_dir} holds no {PREFIX_CHECKPOINT_DIR}-<step> folder to "
+                "resume from; train without it (a new run), or pass the checkpoint's path."
+            )
+        return latest
+    if not os.path.isdir(value):
+        raise ValueError(f"resume_from_checkpoint={value!r} is not a folder; pass a checkpoint folder or true.")
+    return str(value)
+
+
+def undecoded_images(dataset):
+    """`dataset` with its `image` column left as bytes when it is a decoding `datasets.Image` feature: the collator
+    decodes each image itself (`decoded_image`), so that one that does not decode is named with its sample."""
+    from datasets import Image as ImageFeature
+
+    features = getattr(dataset, "features", None)
+    feature = features.get("image") if features else None
+    if isinstance(feature, ImageFeature) and feature.decode and hasattr(dataset, "cast_column"):
+        return dataset.cast_column("image", ImageFeature(decode=False))
+    return dataset
+
+
+def decoded_image(image, sample: str):
+    """A row's image as PIL: decoded here (the trainer leaves LaViT-15K's image column undecoded), so that bytes
+    that do not decode are named with their sample."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        if isinstance(image, dict) and image.get("bytes") is not None:
+            decoded = Image.open(io.BytesIO(image["bytes"]))
+        elif isinstance(image, dict) and image.get("path"):
+            decoded = Image.open(image["path"])
+        else:
+            raise ValueError(f"Sample {sample}: its image holds neither bytes nor a path ({str(image)[:80]}).")
+        decoded.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(
+            f"Sample {sample}: its image does not decode ({err}); drop the sample or rebuild it with "
+            "examples/build_lavit_dataset.py (which skips such images with their reason)."
+        ) from err
+    return decoded
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Collator
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -351,9 +482,10 @@ class LavitDataCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         examples = [
             self.processor.to_prompt_completion(
-                [row["image"]], row["question"], row[self.response_column], use_latent_tokens=self.distill
+                [decoded_image(row["image"], row.get("id", f"#{b}"))], row["question"], row[self.response_column],
+                use_latent_tokens=self.distill,
             )
-            for row in rows
+            for b, row in enumerate(rows)
         ]
         batch = self.vision_collator(examples)
         if not self.distill:
@@ -366,15 +498,14 @@ class LavitDataCollator:
             sample = row.get("id", f"#{b}")
             gaze = np.asarray(row["gaze"], dtype=np.float32)
             teacher_grid = tuple(int(v) for v in row["gaze_grid"])
-            if gaze.size != teacher_grid[0] * teacher_grid[1]:
-                raise ValueError(
-                    f"Sample {sample}: its gaze has {gaze.size} values but its gaze_grid {list(teacher_grid)} holds "
-                    f"{teacher_grid[0] * teacher_grid[1]}; rebuild the sample with examples/build_lavit_dataset.py."
-                )
+            problem = gaze_problem(gaze, teacher_grid)  # datasets scanned up front; streamed rows checked here
+            if problem is not None:
+                raise ValueError(f"Sample {sample}: {problem}; drop the sample or rebuild it with "
+                                 "examples/build_lavit_dataset.py.")
             vector = np.asarray(row[self.semantics_column], dtype=np.float32)
-            for name, values in (("gaze", gaze), (self.semantics_column, vector)):
-                if not np.isfinite(values).all():
-                    raise ValueError(f"Sample {sample}: its {name} holds NaN or inf; drop or rebuild the sample.")
+            if not np.isfinite(vector).all():
+                raise ValueError(f"Sample {sample}: its {self.semantics_column} holds NaN or inf; drop or rebuild the "
+                                 "sample.")
             if self.teacher_hidden_size is not None and vector.size != self.teacher_hidden_size:
                 raise ValueError(
                     f"Sample {sample}: V_sem ({self.semantics_column}) has width {vector.size} but the model's concept "
@@ -435,6 +566,13 @@ class LavitSFTTrainer(SFTTrainer):
             # "all" or the indices: what every version of the configuration reads (a checkpoint's remote code may
             # predate the relative forms)
             lavit.config.latent_attention_layers = "all" if layers == "all" else indices
+        if data_collator is None:  # LaViT's collator decodes the images itself, naming a sample whose bytes fail
+            train_dataset = undecoded_images(train_dataset) if train_dataset is not None else None
+            eval_dataset = kwargs.get("eval_dataset")
+            if isinstance(eval_dataset, dict):
+                kwargs["eval_dataset"] = {name: undecoded_images(d) for name, d in eval_dataset.items()}
+            elif eval_dataset is not None:
+                kwargs["eval_dataset"] = undecoded_images(eval_dataset)
         if train_dataset is not None:
             self._check_columns(train_dataset, args, "train")
         for name, eval_set in _named(kwargs.get("eval_dataset")):
@@ -472,9 +610,46 @@ class LavitSFTTrainer(SFTTrainer):
         # compute_loss normalises the next-token loss by the Trainer's token count itself
         self.model_accepts_loss_kwargs = True
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`, after the checks a multi-process or resumed run needs before its first step:
+        `resume_from_checkpoint` may be True or "true" (the latest checkpoint in output_dir, as in transformers); an
+        output_dir holding another run is refused unless resuming or `overwrite_output_dir`, and a resume with other
+        LaViT settings than the run it continues is refused."""
+        resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        self._check_output_dir(resume)
         self._check_ddp_settings()
-        return super().train(*args, **kwargs)
+        return super().train(resume, *args, **kwargs)
+
+    def _check_output_dir(self, resume: str | None) -> None:
+        folder = Path(self.args.output_dir)
+        settings = run_settings(self.args)
+        record = folder / RUN_RECORD
+        if resume is not None:
+            if record.exists():
+                before = json.loads(record.read_text(encoding="utf-8"))
+                changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+                if changed:
+                    raise ValueError(
+                        f"Resuming {resume} with other settings than its run had (they differ in {changed}): the "
+                        "result would be neither run. Resume with the same settings, or start a new output_dir."
+                    )
+        else:
+            found = previous_run_files(folder)
+            if found and not self.args.overwrite_output_dir:
+                raise ValueError(
+                    f"{folder} holds another run ({', '.join(found[:4])}{' ...' if len(found) > 4 else ''}); training "
+                    "into it would overwrite part of that run and leave the rest beside this one. Pass "
+                    "resume_from_checkpoint=True (--resume_from_checkpoint true) to continue it, overwrite_output_dir="
+                    "True to replace it, or choose a new output_dir."
+                )
+            if found and self.is_world_process_zero():
+                for checkpoint in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+                    logger.warning("overwrite_output_dir: removing the earlier run's %s", checkpoint)
+                    shutil.rmtree(checkpoint)
+            self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(settings, record)
 
     def _check_ddp_settings(self) -> None:
         """Before the first step: the DDP settings that would stop a multi-process run at its first or second
@@ -515,6 +690,9 @@ class LavitSFTTrainer(SFTTrainer):
                 f"needs (it has {sorted(columns)}). Build LaViT-15K with examples/build_lavit_dataset.py, or set "
                 "distill=False for Naive SFT."
             )
+        if args.distill and hasattr(dataset, "data") and hasattr(dataset.data, "column"):
+            check_gaze_columns(dataset.data.column("gaze"), dataset.data.column("gaze_grid"),
+                               dataset.data.column("id") if "id" in columns else None, name)
 
     def _metric(self, mode: str, name: str, value: torch.Tensor | float) -> None:
         if torch.is_tensor(value):

@@ -21,6 +21,8 @@ import os
 
 import numpy as np
 
+from cli_lavit import checkpoint_model_type, nonnegative_int, output_folder, positive_int
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -29,14 +31,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--student", default=None, help="a LaViT student: Figure 3 against the teacher")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                         help="more models for Figures 4-5 and Table 2 (stock or LaViT), e.g. base=Qwen/...")
-    parser.add_argument("--num-samples", type=int, default=100, help="samples for Figures 3-5 and Table 2")
+    parser.add_argument("--num-samples", type=positive_int, default=100, help="samples for Figures 3-5 and Table 2")
     parser.add_argument("--rows", choices=["response", "latents"], default="response",
                         help="a LaViT model's query rows: its generated answer or its latent tokens")
-    parser.add_argument("--heatmaps", type=int, default=4, help="samples shown in Figure 5")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--heatmaps", type=nonnegative_int, default=4, help="samples shown in Figure 5")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5])
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--output-dir", type=output_folder, required=True)
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -44,9 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_model(path: str, device: str):
     """A stock Qwen2.5-VL (with the image-only processor) or a LaViT checkpoint (with its own processor)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    lavit = PretrainedConfig.get_config_dict(path)[0].get("model_type") == "lavit"
+    lavit = checkpoint_model_type(path) == "lavit"
     model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=lavit).to(device).eval()
     if lavit:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
@@ -60,6 +62,24 @@ def load_model(path: str, device: str):
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Every argument is checked before anything is computed or written.
+    models = {}
+    if args.teacher:
+        models["teacher"] = args.teacher
+    if args.student:
+        models["student"] = args.student
+    for item in args.model:
+        name, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--model takes NAME=PATH, got {item!r}.")
+        models[name] = path
+    if not models:
+        raise SystemExit("Give at least one model: --teacher, --student or --model NAME=PATH.")
+    for name, path in models.items():
+        try:
+            checkpoint_model_type(path)
+        except ValueError as err:
+            raise SystemExit(f"{name}: {err}") from err
     import torch
     from tqdm.auto import tqdm
 
@@ -97,18 +117,6 @@ def main(argv=None) -> None:
     boxes = [r["bbox"] for r in rows]
     responses = [r["teacher_response"] or r["answer"] for r in rows]
 
-    models = {}
-    if args.teacher:
-        models["teacher"] = args.teacher
-    if args.student:
-        models["student"] = args.student
-    for item in args.model:
-        name, _, path = item.partition("=")
-        if not path:
-            raise SystemExit(f"--model takes NAME=PATH, got {item!r}.")
-        models[name] = path
-    if not models:
-        raise SystemExit("Give at least one model: --teacher, --student or --model NAME=PATH.")
     loaded = {name: load_model(path, device) for name, path in models.items()}
 
     if "teacher" in loaded and "student" in loaded:

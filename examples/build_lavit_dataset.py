@@ -26,6 +26,7 @@ import logging
 import shlex
 import sys
 
+from cli_lavit import checkpoint_model_type, output_folder, positive_int
 from data_lavit import push_dataset_to_hub
 from teacher_lavit import BuilderConfig, build_lavit_dataset, finalize_dataset, plan_shards
 
@@ -35,18 +36,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--teacher", required=True, help="Qwen2.5-VL teacher: hub id or path")
     parser.add_argument("--viscot-json", required=True, help="Visual-CoT's viscot_363k.json (or a file of its format)")
     parser.add_argument("--image-root", required=True, help="folder holding the records' cot/<source>/<file> images")
-    parser.add_argument("--output-dir", required=True, help="where the shards and the card are written")
-    parser.add_argument("--max-samples", type=int, default=None, help="sample this many records (default: all)")
+    parser.add_argument("--output-dir", type=output_folder, required=True,
+                        help="where the shards and the card are written")
+    parser.add_argument("--max-samples", type=positive_int, default=None, help="sample this many records (default: all)")
     parser.add_argument("--sources", nargs="+", default=None, help="keep only these Visual-CoT sources, e.g. gqa docvqa")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    parser.add_argument("--batch-size", type=int, default=4, help="samples per teacher batch")
-    parser.add_argument("--shard-size", type=int, default=64, help="samples per parquet shard (the unit of resuming)")
-    parser.add_argument("--min-pixels", type=int, default=256 * 28 * 28, help="lower bound of the resized image area")
-    parser.add_argument("--max-pixels", type=int, default=1280 * 28 * 28, help="upper bound of the resized image area")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="length limit of the teacher's answers")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="samples per teacher batch")
+    parser.add_argument("--shard-size", type=positive_int, default=64, help="samples per parquet shard (the unit of resuming)")
+    parser.add_argument("--min-pixels", type=positive_int, default=256 * 28 * 28, help="lower bound of the resized image area")
+    parser.add_argument("--max-pixels", type=positive_int, default=1280 * 28 * 28, help="upper bound of the resized image area")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="length limit of the teacher's answers")
     parser.add_argument("--query-rows", choices=["response", "prompt_and_response"], default="response",
                         help="T_text of equation 2: the response tokens, or every text token after the image (official)")
-    parser.add_argument("--top-k", type=int, default=8, help="k of the gaze-weighted pooling of V_sem (equation 3)")
+    parser.add_argument("--top-k", type=positive_int, default=8, help="k of the gaze-weighted pooling of V_sem (equation 3)")
     parser.add_argument("--focus-threshold", type=float, default=0.20, help="filter stage 3: minimum S_focus")
     parser.add_argument("--stages", nargs="+", default=["correctness", "difficulty", "alignment"],
                         choices=["correctness", "difficulty", "alignment"],
@@ -63,6 +65,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.min_pixels > args.max_pixels:
+        raise SystemExit(f"--min-pixels {args.min_pixels} exceeds --max-pixels {args.max_pixels}.")
+    try:  # before anything is loaded or written
+        model_type = checkpoint_model_type(args.teacher)
+    except ValueError as err:
+        raise SystemExit(f"--teacher: {err}") from err
+    if model_type != "qwen2_5_vl":
+        raise SystemExit(f"--teacher {args.teacher} is a '{model_type}' checkpoint; the teacher is a stock Qwen2.5-VL "
+                         "model (e.g. Qwen/Qwen2.5-VL-32B-Instruct).")
     import torch
     from accelerate import PartialState
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from cli_lavit import output_folder, positive_int
 from configuration_lavit import parse_latent_layers
 from conversion_lavit import convert_qwen2_5_vl_to_lavit
 
@@ -25,12 +26,13 @@ from conversion_lavit import convert_qwen2_5_vl_to_lavit
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="hub id or local path of a Qwen2.5-VL checkpoint")
-    parser.add_argument("--output-dir", required=True, help="where to write the LaViT checkpoint")
-    parser.add_argument("--num-latent-tokens", type=int, default=4, help="K, the number of latent tokens (paper: 4)")
-    parser.add_argument("--teacher-hidden-size", type=int, default=5120,
+    parser.add_argument("--output-dir", type=output_folder, required=True,
+                        help="where to write the LaViT checkpoint")
+    parser.add_argument("--num-latent-tokens", type=positive_int, default=4, help="K, the number of latent tokens (paper: 4)")
+    parser.add_argument("--teacher-hidden-size", type=positive_int, default=5120,
                         help="width of the teacher's visual semantics (Qwen2.5-VL-32B: 5120, 7B: 3584)")
     parser.add_argument("--latent-token-template", default="<v-trace{index}>", help="spelling of the latent tokens")
-    parser.add_argument("--concept-head-hidden-size", type=int, default=None,
+    parser.add_argument("--concept-head-hidden-size", type=positive_int, default=None,
                         help="hidden width of the concept head (default: the text hidden size)")
     parser.add_argument("--gate-scope", choices=["after_image", "response"], default="after_image",
                         help="which query rows the sensory gate restrains (see LavitConfig)")

@@ -21,17 +21,10 @@ import argparse
 import json
 import logging
 import os
-import re
 
+from cli_lavit import output_folder, positive_int
 from evaluation_lavit import BLINK_PAPER_TASKS, BLINK_TASKS, LATENT_MODES, check_checkpoint, evaluate, load_blink
 from evaluation_lavit import load_mmstar, load_mmvp, load_vstar, render_report, score
-
-
-def positive_int(text: str) -> int:
-    """argparse type of a count or size: a whole number of at least 1."""
-    if not re.fullmatch(r"[0-9]+", text.strip()) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return int(text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="BLINK subtasks")
     parser.add_argument("--mmstar-path", default=None, help="MMStar's mmstar.parquet")
     parser.add_argument("--modes", nargs="+", default=["forced"], choices=LATENT_MODES, help="latent modes to run")
-    parser.add_argument("--output-dir", required=True, help="where predictions and the report go")
+    parser.add_argument("--output-dir", type=output_folder, required=True,
+                        help="where predictions and the report go")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="questions generated together (>= 1)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=16, help="answer length in tokens (>= 1)")
     parser.add_argument("--limit", type=positive_int, default=None,

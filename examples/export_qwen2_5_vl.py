@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import logging
 
+from cli_lavit import output_folder
 from conversion_lavit import export_to_qwen2_5_vl
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lavit-dir", required=True, help="a LaViT checkpoint (converted or trained)")
-    parser.add_argument("--output-dir", required=True, help="where to write the stock Qwen2.5-VL checkpoint")
+    parser.add_argument("--output-dir", type=output_folder, required=True,
+                        help="where to write the stock Qwen2.5-VL checkpoint")
     return parser.parse_args(argv)
 
 

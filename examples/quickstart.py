@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import synthetic_grounding as task  # noqa: E402
 
+from cli_lavit import output_folder  # noqa: E402
 from configuration_lavit import parse_latent_layers, resolve_latent_layers  # noqa: E402
 from data_lavit import box_to_token_mask, merged_token_grids, write_json_atomic  # noqa: E402
 from modeling_lavit import LavitAttentionControl, image_attention_capture, trajectory_loss  # noqa: E402
@@ -246,7 +247,8 @@ DEFAULT_LR = {"student_lr": 1e-3, "naive_lr": 5e-4}
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default="quickstart", help="where every stage's artefacts go")
+    parser.add_argument("--output-dir", type=output_folder, default="quickstart",
+                        help="where every stage's artefacts go")
     parser.add_argument("--smoke", action="store_true", help="every stage at toy size (a CI check, not a result)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=3, help="student seeds per method")
@@ -439,14 +441,15 @@ def accuracy(model, processor, samples, path: str, mode: str, batch_size: int = 
 
 def cpu_config(output_dir, steps: int, batch_size: int, lr: float, seed: int, logging_steps: int, **overrides):
     """The quickstart's `LavitSFTConfig`: CPU, cosine schedule with 5% warm-up, no weight decay, no checkpointing, the
-    vision tower trained, no saving or reporting; `overrides` set the rest (e.g. distill=False)."""
+    vision tower trained, no saving or reporting, and a stage restarted after a kill starts its run afresh
+    (`overwrite_output_dir`); `overrides` set the rest (e.g. distill=False)."""
     from trainer_lavit import LavitSFTConfig
 
     settings = dict(
         use_cpu=True, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
         lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.0, activation_checkpointing=False,
         freeze_vision_tower=False, logging_steps=max(1, logging_steps), save_strategy="no", report_to="none",
-        seed=seed, dataloader_num_workers=0, disable_tqdm=True,
+        seed=seed, dataloader_num_workers=0, disable_tqdm=True, overwrite_output_dir=True,
     )
     settings.update(overrides)
     return LavitSFTConfig(str(output_dir), **settings)

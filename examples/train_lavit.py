@@ -11,7 +11,9 @@ The paper's run (Qwen2.5-VL-3B student converted with K = 4 and the 32B teacher'
     accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_lavit.py \
         --config examples/configs/lavit_3b.yaml
 
-Every field of LavitSFTConfig (and TrainingArguments) is a flag: `--help` lists them. `--use_peft` trains LoRA
+Every field of LavitSFTConfig (and TrainingArguments) is a flag: `--help` lists them. An --output_dir holding
+another run is refused: `--resume_from_checkpoint true` continues it (its latest checkpoint, with the same
+settings), `--overwrite_output_dir true` starts afresh there. `--use_peft` trains LoRA
 adapters on the language model (the latent-token rows and the concept head trained in full).
 """
 
@@ -22,6 +24,7 @@ import logging
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import ModelConfig, ScriptArguments, TrlParser
 
+from cli_lavit import checkpoint_model_type
 from data_lavit import load_lavit_dataset
 from trainer_lavit import LavitSFTConfig, LavitSFTTrainer, lavit_lora_config
 
@@ -34,6 +37,16 @@ def main(argv=None) -> None:
         raise SystemExit("--model_name_or_path: a LaViT student (examples/convert_qwen2_5_vl.py makes one).")
     if script_args.dataset_name is None:
         raise SystemExit("--dataset_name: a LaViT-15K folder or hub id (examples/build_lavit_dataset.py builds one).")
+    try:  # before anything is loaded: a stock checkpoint would fail deep in its video processor otherwise
+        model_type = checkpoint_model_type(model_args.model_name_or_path)
+    except ValueError as err:
+        raise SystemExit(f"--model_name_or_path: {err}") from err
+    if model_type != "lavit":
+        raise SystemExit(
+            f"--model_name_or_path {model_args.model_name_or_path} is a '{model_type}' checkpoint, not a LaViT student: "
+            "convert it first with examples/convert_qwen2_5_vl.py --base <it> --output-dir <student> (Naive SFT trains "
+            "the converted student too, with --distill false)."
+        )
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "auto"
     model = AutoModelForImageTextToText.from_pretrained(
         model_args.model_name_or_path, trust_remote_code=True, dtype=dtype,

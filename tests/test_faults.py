@@ -215,3 +215,158 @@ def test_verification_costs_one_pass_over_the_files(finished):
             assert expected == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert manifest["rows"] == 8 and manifest["complete"] is True
     assert len(json.loads((out / "builder_config.json").read_text())["viscot_json_sha256"]) == 64
+
+
+# ---- the trainer ---------------------------------------------------------------------------------------------
+
+
+def lavit15k_with(n: int, change=None):
+    """A tiny LaViT-15K dataset (tests/lavit15k_fixture.py) with `change(rows)` applied first."""
+    from datasets import Dataset
+
+    from conftest import TEACHER_WIDTH
+    from data_lavit import features
+    from lavit15k_fixture import lavit15k_rows
+
+    data = lavit15k_rows(n, TEACHER_WIDTH)
+    if change is not None:
+        change(data)
+    return Dataset.from_dict({k: [r[k] for r in data] for k in data[0]}, features=features())
+
+
+def trainer_for(lavit_dir, processor, output_dir, dataset, **overrides):
+    from modeling_lavit import LavitForConditionalGeneration
+    from trainer_lavit import LavitSFTConfig, LavitSFTTrainer
+
+    settings = dict(use_cpu=True, max_steps=2, per_device_train_batch_size=2, gate_warmup_steps=1,
+                    learning_rate=1e-3, logging_steps=1, save_steps=1, report_to="none", seed=0,
+                    dataloader_num_workers=0, disable_tqdm=True)
+    args = LavitSFTConfig(str(output_dir), **{**settings, **overrides})
+    return LavitSFTTrainer(model=LavitForConditionalGeneration.from_pretrained(lavit_dir), args=args,
+                           train_dataset=dataset, processing_class=processor)
+
+
+def test_gazes_that_make_no_target_are_refused_before_training(lavit_dir, processor, tmp_path):
+    def spoil(data):
+        data[1]["gaze"] = [0.0] * len(data[1]["gaze"])  # flat: says nothing about where to look
+        data[2]["gaze_grid"] = [0, 0]  # no cells
+
+    with pytest.raises(ValueError) as caught:
+        trainer_for(lavit_dir, processor, tmp_path / "run", lavit15k_with(4, spoil))
+    message = str(caught.value)
+    assert message.startswith("2 samples of the train dataset cannot give a trajectory target")
+    assert "sample gqa/1: its gaze is flat (0.0 on every cell)" in message
+    assert "sample gqa/2: its gaze_grid [0, 0] has no cells" in message and "build_lavit_dataset.py" in message
+    # Naive SFT reads no gaze: the same rows train
+    trainer_for(lavit_dir, processor, tmp_path / "naive", lavit15k_with(4, spoil), distill=False)
+
+
+def test_image_bytes_that_do_not_decode_are_named_with_their_sample(lavit_dir, processor, tmp_path):
+    def spoil(data):
+        data[0]["image"] = {"bytes": b"not an image at all", "path": None}
+
+    trainer = trainer_for(lavit_dir, processor, tmp_path / "run", lavit15k_with(2, spoil))
+    with pytest.raises(ValueError, match=r"Sample gqa/0: its image does not decode \(.*\); drop the sample or rebuild"):
+        next(iter(trainer.get_train_dataloader()))
+
+
+def test_another_runs_folder_is_refused_unless_resumed_or_overwritten(lavit_dir, processor, tmp_path):
+    out = tmp_path / "run"
+    trainer_for(lavit_dir, processor, out, lavit15k_with(4), max_steps=3).train()
+    assert (out / "checkpoint-3").is_dir()
+    with pytest.raises(ValueError, match=r"run holds another run \(checkpoint-1, checkpoint-2, checkpoint-3, "
+                                         r"lavit_run.json\); training into it would overwrite part"):
+        trainer_for(lavit_dir, processor, out, lavit15k_with(4), max_steps=2).train()
+    trainer_for(lavit_dir, processor, out, lavit15k_with(4), max_steps=2, overwrite_output_dir=True).train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]  # no stale -3
+    # a resume continues the latest checkpoint ("true", as the command line passes it), with the same settings only
+    with pytest.raises(ValueError, match=r"Resuming .*checkpoint-2 with other settings .* differ in \['max_steps'\]"):
+        trainer_for(lavit_dir, processor, out, lavit15k_with(4), max_steps=3).train(resume_from_checkpoint="true")
+    resumed = trainer_for(lavit_dir, processor, out, lavit15k_with(4), max_steps=2)
+    resumed.train(resume_from_checkpoint="true")
+    assert resumed.state.global_step == 2
+    with pytest.raises(ValueError, match=r"holds no checkpoint-<step> folder to resume from"):
+        trainer_for(lavit_dir, processor, tmp_path / "empty", lavit15k_with(4)).train(resume_from_checkpoint=True)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def example(script: str):
+    import importlib
+    import sys
+
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    return importlib.import_module(script)
+
+
+def test_the_train_script_names_a_stock_checkpoint_and_a_missing_one(tiny_base_dir, tmp_path, finished):
+    common = ["--dataset_name", str(finished[1]), "--output_dir", str(tmp_path / "run"), "--use_cpu", "true"]
+    with pytest.raises(SystemExit, match=r"is a 'qwen2_5_vl' checkpoint, not a LaViT student: convert it first"):
+        example("train_lavit").main(["--model_name_or_path", tiny_base_dir, *common])
+    with pytest.raises(SystemExit, match=r"The checkpoint folder \./no/such/student does not exist"):
+        example("train_lavit").main(["--model_name_or_path", "./no/such/student", *common])
+    assert not (tmp_path / "run").exists()
+
+
+# ---- conversion, analysis and the other command lines ---------------------------------------------------------
+
+
+def test_conversion_and_export_name_a_missing_checkpoint_and_refuse_their_own_folder(tiny_base_dir, lavit_dir,
+                                                                                    tmp_path):
+    from conversion_lavit import convert_qwen2_5_vl_to_lavit, export_to_qwen2_5_vl
+
+    for missing in ("/no/such/qwen", "./models/no/such", "a/b/c"):
+        with pytest.raises(ValueError, match=rf"The checkpoint folder {missing} does not exist \(and it is not a Hub"):
+            convert_qwen2_5_vl_to_lavit(missing, tmp_path / "out", teacher_hidden_size=48)
+        with pytest.raises(ValueError, match="does not exist"):
+            export_to_qwen2_5_vl(missing, tmp_path / "out")
+    before = sorted(p.name for p in Path(tiny_base_dir).iterdir())
+    with pytest.raises(ValueError, match=r"is the input checkpoint's folder .* Choose another folder"):
+        convert_qwen2_5_vl_to_lavit(tiny_base_dir, tiny_base_dir, teacher_hidden_size=48)
+    with pytest.raises(ValueError, match=r"is the input checkpoint's folder"):
+        convert_qwen2_5_vl_to_lavit(tiny_base_dir, Path(tiny_base_dir) / "inside", teacher_hidden_size=48)
+    with pytest.raises(ValueError, match=r"is the input checkpoint's folder"):
+        export_to_qwen2_5_vl(lavit_dir, lavit_dir)
+    with pytest.raises(ValueError, match=r"is a 'qwen2_5_vl' checkpoint, not a LaViT one"):
+        export_to_qwen2_5_vl(tiny_base_dir, tmp_path / "out")
+    assert sorted(p.name for p in Path(tiny_base_dir).iterdir()) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "script, argv, flag",
+    [
+        ("build_lavit_dataset", ["--batch-size", "0"], "--batch-size"),
+        ("build_lavit_dataset", ["--shard-size", "-3"], "--shard-size"),
+        ("build_lavit_dataset", ["--max-samples", "0"], "--max-samples"),
+        ("build_lavit_dataset", ["--top-k", "two"], "--top-k"),
+        ("analyze_attention", ["--num-samples", "0"], "--num-samples"),
+        ("analyze_attention", ["--heatmaps", "-1"], "--heatmaps"),
+        ("convert_qwen2_5_vl", ["--num-latent-tokens", "0"], "--num-latent-tokens"),
+        ("quickstart", ["--output-dir", "FILE"], "--output-dir"),
+        ("evaluate", ["--output-dir", "FILE"], "--output-dir"),
+    ],
+)
+def test_counts_sizes_and_output_folders_are_checked_where_they_are_parsed(script, argv, flag, tmp_path, capsys):
+    existing_file = tmp_path / "a_file"
+    existing_file.write_text("x")
+    required = {"build_lavit_dataset": ["--teacher", "t", "--viscot-json", "v", "--image-root", "i",
+                                        "--output-dir", str(tmp_path / "o")],
+                "analyze_attention": ["--dataset", "d", "--output-dir", str(tmp_path / "o")],
+                "convert_qwen2_5_vl": ["--base", "b", "--output-dir", str(tmp_path / "o")],
+                "quickstart": [], "evaluate": ["--model", "m", "--output-dir", str(tmp_path / "o")]}[script]
+    argv = [str(existing_file) if a == "FILE" else a for a in argv]
+    with pytest.raises(SystemExit) as caught:
+        example(script).parse_args(required + argv)
+    assert caught.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {flag}" in error and ("at least" in error or "existing file" in error)
+
+
+def test_analysis_checks_its_models_before_writing_a_figure(finished, tmp_path):
+    out = tmp_path / "analysis"
+    with pytest.raises(SystemExit, match=r"teacher: The checkpoint folder \./no/teacher does not exist"):
+        example("analyze_attention").main(["--dataset", str(finished[1]), "--teacher", "./no/teacher",
+                                           "--output-dir", str(out)])
+    assert not out.exists()
