@@ -86,7 +86,8 @@ _BOX = re.compile(r"^\s*\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?
 def parse_visual_cot_record(record: dict[str, Any]) -> VisualCoTSample:
     """Turns one Visual-CoT record into a `VisualCoTSample`; raises `SkippedRecord` with the reason otherwise."""
     if not isinstance(record, dict):
-        raise SkippedRecord("malformed_record", f"a record is {type(record).__name__} {str(record)[:60]!r}, not an object")
+        raise SkippedRecord("malformed_record",
+                            f"a record is {type(record).__name__} {str(record)[:60]!r}, not an object")
     key = record_key(record)
     for field in ("dataset", "question_id", "image", "conversations"):
         if field not in record:
@@ -99,7 +100,8 @@ def parse_visual_cot_record(record: dict[str, Any]) -> VisualCoTSample:
         raise SkippedRecord("malformed_record", f"{key}: conversation turns {bad_turns} are not objects")
     images = record["image"] if isinstance(record["image"], list) else [record["image"]]
     if not images or not all(isinstance(entry, str) for entry in images):
-        raise SkippedRecord("malformed_record", f"{key}: 'image' must be a path or a list of paths, got {images!r:.80}")
+        raise SkippedRecord("malformed_record",
+                            f"{key}: 'image' must be a path or a list of paths, got {images!r:.80}")
     path, bbox = images[0].split("###")[0], None
     for entry in images:
         if "###" in entry:
