@@ -38,6 +38,7 @@ bench: install
 	$(PY) benchmarks/bench_train_step.py --write-results
 	$(PY) benchmarks/bench_generate.py --write-results
 	$(PY) benchmarks/bench_compile.py --write-results
+	$(PY) benchmarks/bench_verify.py --write-results
 
 clean:
 	rm -rf $(VENV) demo_output quickstart_output build *.egg-info

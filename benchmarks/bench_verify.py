@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""What verifying a LaViT-15K folder costs beside reading it: `verify_lavit_folder` (a sha256 pass over the
+config's files, checked against manifest.json) against reading the same shards, in one run.
+
+A folder of LaViT-15K-sized rows (a JPEG of about 130 KB as the builder stores it, the gaze over a 30 x 30 grid,
+both V_sem poolings at the 32B teacher's width 5120 in float16), written with the builder's own shard writer and
+manifest. Timed: the manifest check alone, `pyarrow` reading the shards alone (what `load_lavit_dataset` did before),
+and `load_lavit_dataset` as it is now (both, and the `datasets` wrapping). Goal: the check costs less than reading
+the shards once.
+
+    python benchmarks/bench_verify.py [--rows 2000] [--write-results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import interleaved_times, report  # noqa: E402
+
+from data_lavit import commit_shard, load_lavit_dataset, verify_lavit_folder, write_manifest  # noqa: E402
+from data_lavit import write_parquet_atomic  # noqa: E402
+
+GOAL = 1.0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--shard-size", type=int, default=250)
+    parser.add_argument("--width", type=int, default=5120, help="V_sem width (the 32B teacher's: 5120)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--write-results", action="store_true")
+    return parser.parse_args(argv)
+
+
+def image_bytes(rng, size: int = 420) -> bytes:
+    """A noisy 420 x 420 JPEG of about 130 KB (Visual-CoT images are JPEGs of this order)."""
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def write_folder(folder: Path, rows: int, shard_size: int, width: int) -> int:
+    rng = np.random.default_rng(0)
+    picture = image_bytes(rng)
+    names = []
+    for start in range(0, rows, shard_size):
+        name = f"shard-{start // shard_size:05d}"
+        shard = []
+        for i in range(start, min(rows, start + shard_size)):
+            shard.append({
+                "id": f"gqa/{i}", "source": "gqa", "image": {"bytes": picture[:-8] + i.to_bytes(8, "big"), "path": None},
+                "image_size": [420, 420], "question": f"what is at place {i}?", "answer": "a cup",
+                "teacher_response": "a cup", "text_only_response": "a plate", "bbox": [1.0, 2.0, 30.0, 40.0],
+                "gaze": rng.random(900).astype(np.float32).tolist(), "gaze_grid": [30, 30],
+                "v_sem_mean": rng.standard_normal(width).astype(np.float16).tolist(),
+                "v_sem_gaze": rng.standard_normal(width).astype(np.float16).tolist(),
+                "s_focus": 0.3, "correct": True, "text_only_correct": False, "aligned": True, "kept": True,
+                "reject_reason": None, "teacher_model": "Qwen/Qwen2.5-VL-32B-Instruct",
+            })
+        for sub in ("kept", "all"):
+            write_parquet_atomic(shard, folder / sub / f"{name}.parquet")
+        commit_shard(folder, name, {"rows": len(shard), "kept": len(shard), "rejections": 0})
+        names.append(name)
+    write_manifest(folder, names, {"benchmark": "bench_verify"})
+    return sum(p.stat().st_size for p in (folder / "kept").glob("*.parquet"))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "lavit15k"
+        size = write_folder(folder, args.rows, args.shard_size, args.width)
+        shards = sorted((folder / "kept").glob("*.parquet"))
+        steps = {
+            "verify": lambda: verify_lavit_folder(folder, "kept"),
+            "read": lambda: pa.concat_tables([pq.read_table(p) for p in shards]),
+            "load (verify + read)": lambda: load_lavit_dataset(folder, "kept"),
+        }
+        times = interleaved_times(steps, args.repeats, warmup=1, device="cpu")
+    ratio = times["verify"] / times["read"]
+    lines = [
+        f"A LaViT-15K folder of {args.rows} rows in {len(shards)} shards, {size / 2**20:.0f} MiB in `kept/` (a ~130 KB "
+        f"JPEG, a 30 x 30 gaze and two V_sem of width {args.width} in float16 per row). Median of {args.repeats} "
+        "interleaved runs after 1 warm-up; the files are in the page cache (a cold disk slows both the check and the "
+        "reading, which read the same bytes).",
+        "",
+        "| step | seconds | MiB/s |",
+        "|---|---|---|",
+    ]
+    for name, seconds in times.items():
+        lines.append(f"| {name} | {seconds:.3f} | {size / 2**20 / seconds:.0f} |")
+    share = times["verify"] / times["load (verify + read)"]
+    lines += ["", f"Verification / reading the shards: {ratio:.3f} (goal < {GOAL}: {'pass' if ratio < GOAL else 'FAIL'}); "
+                  f"verification's share of `load_lavit_dataset`: {share:.2f}."]
+    report("bench_verify", "bench_verify: verifying a LaViT-15K folder vs reading it", "\n".join(lines),
+           args.write_results)
+
+
+if __name__ == "__main__":
+    main()
