@@ -297,6 +297,9 @@ class LavitSFTConfig(SFTConfig):
             raise ValueError(
                 f"trajectory_target_tokens must be one of {TRAJECTORY_TOKENS}, got {self.trajectory_target_tokens!r}."
             )
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be a positive number of optimizer steps (or -1: train num_train_epochs), "
+                             f"got {self.max_steps} (paper: 1000).")
         if self.trajectory_topk < 1:
             raise ValueError(f"trajectory_topk must be >= 1, got {self.trajectory_topk} (paper: 8).")
         if self.remove_unused_columns:

@@ -364,6 +364,14 @@ def test_counts_sizes_and_output_folders_are_checked_where_they_are_parsed(scrip
     assert f"argument {flag}" in error and ("at least" in error or "existing file" in error)
 
 
+@pytest.mark.parametrize("steps", [0, -3])
+def test_a_step_count_that_trains_nothing_is_refused(steps, tmp_path):
+    from trainer_lavit import LavitSFTConfig
+
+    with pytest.raises(ValueError, match=rf"max_steps must be a positive number of optimizer steps .* got {steps}"):
+        LavitSFTConfig(str(tmp_path), max_steps=steps, use_cpu=True)
+
+
 def test_analysis_checks_its_models_before_writing_a_figure(finished, tmp_path):
     out = tmp_path / "analysis"
     with pytest.raises(SystemExit, match=r"teacher: The checkpoint folder \./no/teacher does not exist"):
