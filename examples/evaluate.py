@@ -24,7 +24,7 @@ import os
 
 from cli_lavit import output_folder, positive_int
 from evaluation_lavit import BLINK_PAPER_TASKS, BLINK_TASKS, LATENT_MODES, check_checkpoint, evaluate, load_blink
-from evaluation_lavit import load_mmstar, load_mmvp, load_vstar, render_report, score
+from evaluation_lavit import load_mmstar, load_mmvp, load_vstar, model_fingerprint, render_report, score
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -100,6 +100,8 @@ def main(argv=None) -> None:
         rows[f"{name} [{mode}]"] = score(records)
         rows[f"{name} [{mode}]"]["skipped"] = skipped
     markdown, table = render_report(rows)
+    # which weights these rows score (examples/push_lavit.py publishes a report with the checkpoint it evaluated only)
+    table["model"], table["weights"] = args.model, model_fingerprint(model)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "report.md"), "w") as f:
         f.write(markdown)

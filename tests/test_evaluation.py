@@ -241,6 +241,12 @@ def test_evaluate_script(lavit_dir, tmp_path):
     for row in report["rows"]:
         assert f"| {row} |" in markdown
     assert len(list((tmp_path / "eval").glob("predictions-*.jsonl"))) == 2 * 7
+    # the report says which weights it scored (push_lavit.py publishes it only with them)
+    from evaluation_lavit import model_fingerprint
+    from modeling_lavit import LavitForConditionalGeneration
+
+    assert report["model"] == lavit_dir
+    assert report["weights"] == model_fingerprint(LavitForConditionalGeneration.from_pretrained(lavit_dir, dtype="auto"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -209,8 +209,8 @@ def test_verification_costs_one_pass_over_the_files(finished):
 
     _, out, _ = finished
     manifest = verify_lavit_folder(out, "all")
-    for name, record in manifest["shards"].items():
-        for relative, expected in record["files"].items():
+    for name, shard in manifest["shards"].items():
+        for relative, expected in shard["files"].items():
             data = (out / relative).read_bytes()
             assert expected == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert manifest["rows"] == 8 and manifest["complete"] is True
