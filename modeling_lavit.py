@@ -487,6 +487,17 @@ def labelled_token_loss(
 
 
 @dataclass
+class LatentBlock:
+    """Where the forward found each sample's latent block: `index` `(B, K)` positions and `present` `(B,)` (None when
+    it did not search), `every` sample holds one, and whether the latent states are `compute`d."""
+
+    index: torch.Tensor | None
+    present: torch.Tensor | None
+    every: bool
+    compute: bool
+
+
+@dataclass
 class LavitCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
     """
     Output of [`LavitForConditionalGeneration`]: the fields of Qwen2.5-VL's output plus
@@ -676,10 +687,58 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             record other rows); `latent_image_attention` is then not computed.
         """
         output_latent_attention = bool(output_latent_attention or teacher_trajectory is not None)
+        output_latent_states = self._check_request(output_latent_states, teacher_semantics, pixel_values,
+                                                   mm_token_type_ids, position_ids)
+        gamma = self._gate_value()
+        if torch.compiler.is_compiling():
+            output_latent_states = self._traceable_latent_request(
+                output_latent_states, output_latent_attention, gamma, latent_intervention
+            )
+        past_length = cache.get_seq_length() if cache is not None else 0
+        latents = self._find_latent_block(input_ids, past_length, output_latent_states, output_latent_attention, gamma,
+                                          latent_intervention)
+        supplied = kwargs.get("lavit_control")
+        control, capture = self._attention_control(input_ids, inputs_embeds, attention_mask, latents, gamma,
+                                                   output_latent_attention, latent_intervention, latent_positions,
+                                                   past_length, supplied)
+        if control is not None:
+            kwargs["lavit_control"] = control
+        inputs_embeds, hooks = self._intervene(latent_intervention, latents, input_ids, inputs_embeds)
+        try:
+            outputs = self.model(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                pixel_values_videos=pixel_values_videos,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                second_per_grid_ts=second_per_grid_ts,
+                mm_token_type_ids=mm_token_type_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                mm_encoder_outputs=mm_encoder_outputs,
+                return_dict=True,  # read by name below; a config with return_dict=False gets its tuple at the end
+                **kwargs,
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        kwargs.pop("lavit_control", None)
+        return self._lavit_outputs(outputs, labels, logits_to_keep, return_logits, latents, capture, gamma,
+                                   teacher_semantics, teacher_trajectory, kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The forward's parts, in the order it calls them
+    # ------------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_request(output_latent_states, teacher_semantics, pixel_values, mm_token_type_ids, position_ids):
+        """`output_latent_states` as the forward reads it (True when `teacher_semantics` asks for L_concept); refuses
+        the requests that cannot work."""
         if teacher_semantics is not None and output_latent_states is False:
             raise ValueError("teacher_semantics needs the latent states; leave output_latent_states unset.")
-        if teacher_semantics is not None:
-            output_latent_states = True
         if pixel_values is not None and mm_token_type_ids is None and position_ids is None:
             # Without them Qwen2.5-VL falls back to 1D positions for the image silently: different logits, no error.
             raise ValueError(
@@ -687,60 +746,62 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 "1D RoPE positions instead of Qwen2.5-VL's 3D ones. Pass the processor's mm_token_type_ids along "
                 "(a collator must keep it)."
             )
-        gamma = self._gate_value()
-        if torch.compiler.is_compiling():
-            output_latent_states = self._traceable_latent_request(
-                output_latent_states, output_latent_attention, gamma, latent_intervention
-            )
-        config = self.config
-        past_length = cache.get_seq_length() if cache is not None else 0
+        return True if teacher_semantics is not None else output_latent_states
 
+    def _find_latent_block(self, input_ids, past_length, output_latent_states, output_latent_attention, gamma,
+                           latent_intervention) -> LatentBlock:
+        """Where each sample's latent block is, searched only when something latent is asked for or the gate is
+        closing. Strict there (a malformed block, or a batch mixing samples with and without one, is an error); plain
+        inference (`output_latent_states=None`) reads such a batch as "no latent outputs" (e.g. a pass without a KV
+        cache over latent tokens the model wrote itself)."""
+        config = self.config
         # A decoding step (a cache behind it) holds no latent block unless asked for something latent; skip the search.
         decoding_plainly = past_length > 0 and output_latent_states is None and latent_intervention is None
-        wants_latents = not decoding_plainly and (
-            output_latent_states is not False or output_latent_attention or gamma < 1.0 or latent_intervention is not None
+        closing = gamma < 1.0
+        wants = not decoding_plainly and (
+            output_latent_states is not False or output_latent_attention or closing or latent_intervention is not None
         )
-        # Strict where latent outputs are asked for or the gate is closing (training, extraction); plain inference
-        # (output_latent_states=None) reads a malformed block, or a batch mixing samples with and without one, as
-        # "no latent outputs" (e.g. a pass without a KV cache over latent tokens the model wrote itself).
-        strict = bool(output_latent_states) or output_latent_attention or gamma < 1.0 or (
-            latent_intervention is not None)
-        latent_index = latent_present = None
-        if wants_latents and input_ids is not None:
+        strict = bool(output_latent_states) or output_latent_attention or closing or latent_intervention is not None
+        index = present = None
+        if wants and input_ids is not None:
             if config.latent_token_ids is None:
                 raise ValueError(
                     "config.latent_token_ids is not set, so the latent tokens cannot be found; convert the checkpoint "
                     "with convert_qwen2_5_vl_to_lavit."
                 )
-            latent_index, latent_present = find_latent_tokens(input_ids, config.latent_token_ids, strict)  # (B,K),(B,)
-        needs_ids = output_latent_states or output_latent_attention or gamma < 1.0
-        if needs_ids and input_ids is None:
+            index, present = find_latent_tokens(input_ids, config.latent_token_ids, strict)  # (B, K), (B,)
+        if (output_latent_states or output_latent_attention or closing) and input_ids is None:
             raise ValueError(
                 "LaViT locates the image and latent tokens in input_ids; pass input_ids (not only inputs_embeds) when "
                 "the sensory gate is below 1 or latent outputs are requested."
             )
-
         required = bool(output_latent_states) or output_latent_attention
-        if latent_present is not None and required and not bool(latent_present.all()):
-            sample = int((~latent_present).nonzero()[0, 0])
+        if present is not None and required and not bool(present.all()):
+            sample = int((~present).nonzero()[0, 0])
             raise ValueError(
                 f"Latent outputs were requested but sample {sample} has no latent tokens "
                 f"{config.latent_tokens}; build the prompt with LavitProcessor (add_latent_tokens=True) or "
                 "to_prompt_completion(..., use_latent_tokens=True)."
             )
-        if latent_present is not None and output_latent_states is None and bool(latent_present.any()) and strict:
-            if not bool(latent_present.all()):
-                sample = int((~latent_present).nonzero()[0, 0])
+        if present is not None and output_latent_states is None and bool(present.any()) and strict:
+            if not bool(present.all()):
+                sample = int((~present).nonzero()[0, 0])
                 raise ValueError(
                     f"Sample {sample} has no latent tokens while others in the batch do; batch samples of one kind "
                     "(all with or all without the latent block)."
                 )
-        all_latents = latent_present is not None and bool(latent_present.all())
-        compute_latents = all_latents and output_latent_states is not False
+        every = present is not None and bool(present.all())
+        return LatentBlock(index, present, every, every and output_latent_states is not False)
 
+    def _attention_control(self, input_ids, inputs_embeds, attention_mask, latents: LatentBlock, gamma: float,
+                           output_latent_attention: bool, latent_intervention, latent_positions, past_length: int,
+                           supplied) -> tuple[LavitAttentionControl | None, AttentionCapture | None]:
+        """The `LavitAttentionControl` this forward needs (the gate's rows and columns, the latent tokens' capture,
+        the masked mode's blocked keys), or None when plain sdpa does; and the capture. A caller's own control
+        (`supplied`) is kept, and learns the masked mode's blocking."""
+        config = self.config
         control_gate = gamma < 1.0
-        capture = None
-        image_keys = image_mask = None
+        image_keys = capture = None
         if control_gate or output_latent_attention:
             if past_length > 0:
                 raise ValueError(
@@ -749,35 +810,19 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 )
             self._check_text_attention("The sensory gate or latent attention")
             image_keys = input_ids == config.image_token_id  # (B, L)
-        if output_latent_attention and kwargs.get("lavit_control") is not None:
+        if output_latent_attention and supplied is not None:
             raise ValueError("Pass either output_latent_attention/teacher_trajectory or your own lavit_control, not both.")
         if output_latent_attention:
-            images = count_images(input_ids, config.image_token_id)  # (B,)
-            if bool((images == 0).any()):
-                sample = int((images == 0).nonzero()[0, 0])
-                raise ValueError(
-                    f"Latent attention was requested but sample {sample} has no image; every sample needs one image."
-                )
-            if bool((images > 1).any()):
-                sample = int((images > 1).nonzero()[0, 0])
-                raise ValueError(
-                    f"Sample {sample} has {int(images[sample])} images: latent attention over several images is "
-                    "unsupported (the trajectory target is one image's token grid); use one image per sample."
-                )
-            capture = image_attention_capture(
-                input_ids, config.image_token_id, latent_index, layers=config.latent_layer_indices()
-            )
-            image_mask = capture.key_mask  # (B, N)
-        log_gate = None
-        gated_queries = None
+            capture = self._latent_capture(input_ids, latents.index)
+        log_gate = gated_queries = None
         if control_gate:
-            if not bool(latent_present.all()):
-                sample = int((~latent_present).nonzero()[0, 0])
+            if not bool(latents.present.all()):
+                sample = int((~latents.present).nonzero()[0, 0])
                 raise ValueError(
                     f"The sensory gate is {gamma} < 1 but sample {sample} has no latent tokens, so its answer would "
                     "lose the image with nothing to route through; gate only LaViT samples (Naive SFT keeps gamma = 1)."
                 )
-            gated_queries = self._gated_queries(input_ids, attention_mask, image_keys, latent_index)
+            gated_queries = self._gated_queries(input_ids, attention_mask, image_keys, latents.index)
             log_gate = math.log(gamma) if gamma > 0 else float("-inf")
         if latent_intervention is not None:
             if latent_intervention not in LATENT_INTERVENTIONS:
@@ -786,78 +831,88 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 raise ValueError("Latent interventions are inference ablations; open the gate (set_sensory_gate(1.0)).")
         blocked_keys = blocked_after = None
         if latent_intervention == "masked":
-            positions = latent_positions
-            if positions is None:
-                if not all_latents:
-                    raise ValueError(
-                        "The masked latent mode needs the latent positions: every sample must hold the latent block, "
-                        "and decoding steps need latent_positions= (the prompt's, from find_latent_tokens)."
-                    )
-                positions = latent_index
-            positions = positions.to(self.device)
-            self._check_text_attention("The masked latent mode")
-            blocked_after = positions[:, -1]  # (B,)
-            width = past_length + (input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1])
-            blocked_keys = torch.zeros(positions.shape[0], width, dtype=torch.bool, device=positions.device)
-            blocked_keys.scatter_(1, positions, True)
-        supplied = kwargs.get("lavit_control")
+            blocked_keys, blocked_after = self._blocked_latent_keys(latents, latent_positions, past_length, input_ids,
+                                                                    inputs_embeds)
         if supplied is not None and blocked_keys is not None:  # a caller's capture sees the masked mode's blocking
             supplied.blocked_keys, supplied.blocked_after = blocked_keys, blocked_after
         if supplied is None and (control_gate or capture is not None or blocked_keys is not None):
-            kwargs["lavit_control"] = LavitAttentionControl(
-                log_gate, gated_queries, image_keys, capture, blocked_keys=blocked_keys, blocked_after=blocked_after
-            )
-        if latent_intervention == "zeroed" and all_latents:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-            keep = torch.ones_like(input_ids, dtype=inputs_embeds.dtype).scatter(1, latent_index, 0.0)
-            inputs_embeds = inputs_embeds * keep[:, :, None]  # the latent rows are zero
-        shuffle_hooks = []
-        if latent_intervention == "shuffled" and all_latents:
-            shuffle_hooks = self._shuffle_latent_states(latent_index)
+            control = LavitAttentionControl(log_gate, gated_queries, image_keys, capture, blocked_keys=blocked_keys,
+                                            blocked_after=blocked_after)
+            return control, capture
+        return None, capture
 
-        outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            pixel_values_videos=pixel_values_videos,
-            image_grid_thw=image_grid_thw,
-            video_grid_thw=video_grid_thw,
-            second_per_grid_ts=second_per_grid_ts,
-            mm_token_type_ids=mm_token_type_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            mm_encoder_outputs=mm_encoder_outputs,
-            return_dict=True,  # read by name below; a config with return_dict=False gets its tuple at the end
-            **kwargs,
-        )
-        for hook in shuffle_hooks:
-            hook.remove()
+    def _latent_capture(self, input_ids, latent_index) -> AttentionCapture:
+        """The capture of the latent rows over the image tokens; every sample needs exactly one image."""
+        image_token_id = self.config.image_token_id
+        images = count_images(input_ids, image_token_id)  # (B,)
+        if bool((images == 0).any()):
+            sample = int((images == 0).nonzero()[0, 0])
+            raise ValueError(
+                f"Latent attention was requested but sample {sample} has no image; every sample needs one image."
+            )
+        if bool((images > 1).any()):
+            sample = int((images > 1).nonzero()[0, 0])
+            raise ValueError(
+                f"Sample {sample} has {int(images[sample])} images: latent attention over several images is "
+                "unsupported (the trajectory target is one image's token grid); use one image per sample."
+            )
+        return image_attention_capture(input_ids, image_token_id, latent_index,
+                                       layers=self.config.latent_layer_indices())
+
+    def _blocked_latent_keys(self, latents: LatentBlock, latent_positions, past_length, input_ids, inputs_embeds):
+        """The masked mode's `(blocked_keys (B, L_k), blocked_after (B,))`: no query after the latent block sees it."""
+        positions = latent_positions
+        if positions is None:
+            if not latents.every:
+                raise ValueError(
+                    "The masked latent mode needs the latent positions: every sample must hold the latent block, "
+                    "and decoding steps need latent_positions= (the prompt's, from find_latent_tokens)."
+                )
+            positions = latents.index
+        positions = positions.to(self.device)
+        self._check_text_attention("The masked latent mode")
+        width = past_length + (input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1])
+        blocked_keys = torch.zeros(positions.shape[0], width, dtype=torch.bool, device=positions.device)
+        blocked_keys.scatter_(1, positions, True)
+        return blocked_keys, positions[:, -1]
+
+    def _intervene(self, latent_intervention, latents: LatentBlock, input_ids, inputs_embeds):
+        """The zeroed mode's input embeddings and the shuffled mode's layer hooks (removed after the pass)."""
+        hooks = []
+        if latent_intervention == "zeroed" and latents.every:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            keep = torch.ones_like(input_ids, dtype=inputs_embeds.dtype).scatter(1, latents.index, 0.0)
+            inputs_embeds = inputs_embeds * keep[:, :, None]  # the latent rows are zero
+        if latent_intervention == "shuffled" and latents.every:
+            hooks = self._shuffle_latent_states(latents.index)
+        return inputs_embeds, hooks
+
+    def _lavit_outputs(self, outputs, labels, logits_to_keep, return_logits, latents: LatentBlock, capture, gamma,
+                       teacher_semantics, teacher_trajectory, loss_kwargs) -> LavitCausalLMOutputWithPast:
+        """The base model's outputs with the next-token loss, the latent states, the latent attention and the two
+        distillation losses."""
         hidden_states = outputs.last_hidden_state  # (B, L, D)
-        kwargs.pop("lavit_control", None)
         loss = logits = None
         if return_logits:
             logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
             if labels is not None:
                 loss = self.loss_function(
-                    logits=logits, labels=labels, vocab_size=config.text_config.vocab_size, **kwargs
+                    logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **loss_kwargs
                 )
         elif labels is not None:
-            loss = labelled_token_loss(self.lm_head, hidden_states, labels, kwargs.get("num_items_in_batch"))
+            loss = labelled_token_loss(self.lm_head, hidden_states, labels, loss_kwargs.get("num_items_in_batch"))
 
         latent_hidden_states = concept_embeds = None
-        if compute_latents:
+        if latents.compute:
             width = hidden_states.shape[-1]
-            latent_hidden_states = hidden_states.gather(
-                1, latent_index[:, :, None].expand(-1, -1, width)
-            )  # (B, K, D)
+            latent_hidden_states = hidden_states.gather(1, latents.index[:, :, None].expand(-1, -1, width))  # (B,K,D)
             concept_embeds = self.concept_head(latent_hidden_states[:, -1])  # (B, teacher_hidden_size)
 
-        latent_image_attention = None
+        latent_image_attention = image_mask = None
         if capture is not None:
             attention = capture.mean_over_layers()  # (B, K, N)
             latent_image_attention = attention / attention.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+            image_mask = capture.key_mask  # (B, N)
 
         concept = trajectory = None
         if teacher_semantics is not None:
@@ -866,7 +921,6 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             trajectory = trajectory_loss(
                 teacher_trajectory.to(latent_image_attention.device), latent_image_attention, image_mask
             )
-
         return LavitCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -878,7 +932,7 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             latent_hidden_states=latent_hidden_states,
             concept_embeds=concept_embeds,
             latent_image_attention=latent_image_attention,
-            image_token_mask=image_mask if capture is not None else None,
+            image_token_mask=image_mask,
             concept_loss=concept,
             trajectory_loss=trajectory,
             sensory_gate=gamma,
