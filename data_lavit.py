@@ -24,8 +24,7 @@ import logging
 import os
 import random
 import re
-from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,6 @@ VISCOT_IMAGE_PREFIX = "<image>\n"
 VISCOT_BOX_SUFFIX = (
     " Please provide the bounding box coordinate of the region that can help you answer the question better."
 )
-CELL = 28  # pixels per merged visual token: patch 14 x spatial merge 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,6 +249,31 @@ def box_to_token_mask(
         mask = np.zeros_like(mask)
         mask[np.unravel_index(np.argmax(cover), cover.shape)] = True
     return mask
+
+
+def gaze_topk_weights(gaze: torch.Tensor, mask: torch.Tensor, top_k: int = 8, eps: float = 1e-8) -> torch.Tensor:
+    """Pooling weights of equation 3: the gaze min-max normalised over each sample's image tokens, sparsified to its
+    `top_k` largest entries and normalised to sum to 1.
+
+    Args:
+        gaze: `(B, N)` raw S. mask: `(B, N)` bool, real image tokens.
+    Returns:
+        `(B, N)` weights, zero outside the top-k and on padding.
+    """
+    big = torch.finfo(gaze.dtype).max
+    low = gaze.masked_fill(~mask, big).amin(dim=1, keepdim=True)  # (B, 1)
+    high = gaze.masked_fill(~mask, -big).amax(dim=1, keepdim=True)  # (B, 1)
+    normalised = ((gaze - low) / (high - low + eps)).masked_fill(~mask, -1.0)  # (B, N); padding sorts last
+    k = min(top_k, gaze.shape[1])
+    top = normalised.topk(k, dim=1)
+    weights = torch.zeros_like(gaze).scatter(1, top.indices, top.values.clamp_min(0))
+    weights = weights * mask
+    total = weights.sum(dim=1, keepdim=True)
+    # A flat gaze (all equal) normalises to zeros and names no top-k (topk would pick arbitrary, position-biased
+    # ties): it falls back to uniform weights over every real token, favouring none. (The builder skips such
+    # samples and the trainer refuses them; this keeps the pooling defined.)
+    weights = torch.where(total > 0, weights, mask.to(weights.dtype))
+    return weights / weights.sum(dim=1, keepdim=True).clamp_min(eps)
 
 
 def merged_token_grids(image_grid_thw, merge_size: int = 2) -> list[tuple[int, int]]:
@@ -540,229 +563,6 @@ def load_lavit_dataset(path: str | os.PathLike, config: str = "kept"):
     return Dataset(pa.concat_tables([pq.read_table(shard) for shard in shards]))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Statistics and the dataset card
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def dataset_statistics(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Tables A3 and A4 of the paper for `rows` (dicts with `source`, `question`, `answer`, `image_size`,
-    `gaze_grid`, `v_sem_mean`)."""
-    n = len(rows)
-    counts = Counter(r["source"] for r in rows)
-    words = lambda text: len(text.split())  # noqa: E731
-    stats = {
-        "samples": n,
-        "sources": {s: {"samples": c, "percent": 100.0 * c / n} for s, c in counts.most_common()},
-    }
-    if n:
-        stats.update(
-            avg_question_words=float(np.mean([words(r["question"]) for r in rows])),
-            max_question_words=int(max(words(r["question"]) for r in rows)),
-            avg_answer_words=float(np.mean([words(r["answer"]) for r in rows])),
-            avg_width=float(np.mean([r["image_size"][0] for r in rows])),
-            avg_height=float(np.mean([r["image_size"][1] for r in rows])),
-            avg_visual_tokens=float(np.mean([r["gaze_grid"][0] * r["gaze_grid"][1] for r in rows])),
-            feature_dim=int(len(rows[0]["v_sem_mean"])),
-        )
-    return stats
-
-
-def size_category(n: int) -> str:
-    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
-        if n < bound:
-            return name
-    return "n>1M"
-
-
-def render_dataset_card(
-    kept_stats: dict[str, Any],
-    all_stats: dict[str, Any],
-    summary: dict[str, Any],
-    command: str,
-    teacher: str,
-    pretty_name: str = "LaViT-15K",
-) -> str:
-    """The dataset card (README.md) of a built LaViT-15K folder: YAML header, summary, columns, generation,
-    statistics (Tables A3, A4), licences and citation."""
-    sources = sorted(all_stats["sources"])
-    lines = [
-        "---",
-        "license: other",
-        "license_name: upstream-licences",
-        "license_link: LICENSE.md",
-        "task_categories:",
-        "- visual-question-answering",
-        "- image-text-to-text",
-        "language:",
-        "- en",
-        "size_categories:",
-        f"- {size_category(kept_stats['samples'])}",
-        f"pretty_name: {pretty_name}",
-        "tags:",
-        "- lavit",
-        "- knowledge-distillation",
-        "- visual-grounding",
-        "- attention",
-        "source_datasets:",
-        "- deepcs233/Visual-CoT",
-        "configs:",
-        "- config_name: kept",
-        "  default: true",
-        "  data_files:",
-        "  - split: train",
-        "    path: kept/*.parquet",
-        "- config_name: all",
-        "  data_files:",
-        "  - split: train",
-        "    path: all/*.parquet",
-        "---",
-        "",
-        f"# {pretty_name}",
-        "",
-        "## Summary",
-        "",
-        f"Visual-CoT questions with the white-box signals of the teacher `{teacher}`, as LaViT (Aligning Latent "
-        "Visual Thoughts for Multi-modal Reasoning, section 4.1) distils them: for every image token the teacher's "
-        "aggregated attention while it answers (the gaze, equation 2) and its last-layer visual semantics pooled two "
-        "ways. Samples pass a three-stage filter: (1) the teacher answers correctly, (2) it cannot answer without "
-        "the image, (3) at least 20% of its attention falls inside the annotated key region (S_focus, equation 1).",
-        "",
-        f"- `kept` (default): the {kept_stats['samples']} samples that pass all three stages, the training set.",
-        f"- `all`: all {all_stats['samples']} processed samples with their filter flags and rejection reason, for "
-        "analyses such as accuracy against visual focus.",
-        "",
-        "| processed | kept | " + " | ".join(f"rejected: {k}" for k in sorted(summary["rejected"])) + " | skipped (input) |",
-        "|---|---|" + "---|" * len(summary["rejected"]) + "---|",
-        f"| {summary['processed']} | {summary['kept']} | "
-        + " | ".join(str(summary["rejected"][k]) for k in sorted(summary["rejected"]))
-        + f" | {summary['skipped']} |",
-        "",
-        "Skipped inputs (missing or corrupt images, malformed records, boxes outside the image, ...) are listed with "
-        "their reason in `skipped_records.jsonl` and `rejections/*.jsonl`.",
-        "",
-        "## Data structure",
-        "",
-        "| column | type and meaning |",
-        "|---|---|",
-    ]
-    lines += [f"| `{name}` | {meaning} |" for name, meaning in COLUMNS.items()]
-    lines += [
-        "",
-        "```python",
-        "from datasets import load_dataset",
-        f'kept = load_dataset("<this repo or folder>", "kept", split="train")',
-        "```",
-        "",
-        "## How it was generated",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        "One teacher-forced forward pass over [image, question, teacher response] per sample gives both signals: "
-        "attention probabilities of the chosen query rows over the image keys are recomputed from those rows only "
-        "(no attention matrix is materialised) and averaged over all text layers, heads and rows; the last-layer "
-        "hidden states at the image positions come from the same pass.",
-        "",
-        "## Statistics (`kept`)",
-        "",
-        "| source | samples | percent |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {s} | {v['samples']} | {v['percent']:.2f}% |" for s, v in kept_stats["sources"].items()]
-    lines += [f"| **total** | **{kept_stats['samples']}** | **100.00%** |", ""]
-    if kept_stats["samples"]:
-        lines += [
-            "| statistic | value |",
-            "|---|---|",
-            f"| avg. question length | {kept_stats['avg_question_words']:.2f} words |",
-            f"| max. question length | {kept_stats['max_question_words']} words |",
-            f"| avg. answer length | {kept_stats['avg_answer_words']:.2f} words |",
-            f"| avg. image resolution | {kept_stats['avg_width']:.0f} x {kept_stats['avg_height']:.0f} pixels |",
-            f"| avg. visual tokens | {kept_stats['avg_visual_tokens']:.2f} |",
-            f"| feature dimension | {kept_stats['feature_dim']} |",
-            "",
-        ]
-    lines += [
-        "## Licences",
-        "",
-        "The questions, answers, boxes and images come from Visual-CoT (`deepcs233/Visual-CoT`), which gathers them "
-        f"from the source datasets present here ({', '.join(sources)}). Each keeps the licence and terms of use of "
-        "its origin, several of which restrict commercial use or redistribution of the images; check them before "
-        "you publish or use this dataset. The teacher signals are outputs of the teacher model, under its licence.",
-        "",
-        "## Citation",
-        "",
-        "```bibtex",
-        "@article{lavit,",
-        "  title  = {LaViT: Aligning Latent Visual Thoughts for Multi-modal Reasoning},",
-        "  author = {Wu, Linquan and Jiang, Tianxiang and Dong, Yifei and Yang, Haoyu and Zhang, Fengji and Meng, "
-        "Shichang and Xuan, Ai and Song, Linqi and Keung, Jacky}",
-        "}",
-        "@inproceedings{shao2024visualcot,",
-        "  title     = {Visual CoT: Advancing Multi-Modal Language Models with a Comprehensive Dataset and Benchmark for "
-        "Chain-of-Thought Reasoning},",
-        "  author    = {Shao, Hao and Qian, Shengju and Xiao, Han and Song, Guanglu and Zong, Zhuofan and Wang, Letian "
-        "and Liu, Yu and Li, Hongsheng},",
-        "  booktitle = {NeurIPS Datasets and Benchmarks},",
-        "  year      = {2024}",
-        "}",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def sample_as_dict(sample: VisualCoTSample) -> dict[str, Any]:
-    return asdict(sample)
-
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Publishing
-# ----------------------------------------------------------------------------------------------------------------
-
-UPLOAD_PATTERNS = ["README.md", "LICENSE.md", "manifest.json", "builder_config.json", "skipped_records.jsonl", "kept/*.parquet",
-                   "all/*.parquet", "rejections/*.jsonl"]
-
-
-def upload_plan(folder: str | os.PathLike) -> list[tuple[str, int]]:
-    """The files a push of `folder` uploads, as `(relative path, bytes)`, in upload order."""
-    import fnmatch
-
-    root = Path(folder)
-    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    chosen = [f for f in files if any(fnmatch.fnmatch(f, pattern) for pattern in UPLOAD_PATTERNS)]
-    return [(f, (root / f).stat().st_size) for f in chosen]
-
-
-def push_dataset_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, dry_run: bool = False):
-    """Uploads a built LaViT-15K folder to the Hub as a dataset repository with `huggingface_hub`.
-
-    With `dry_run` nothing touches the network: the returned plan lists exactly what would be uploaded.
-    """
-    if not (Path(folder) / "README.md").exists():
-        raise ValueError(f"{folder} has no dataset card (README.md); finish the build before pushing.")
-    for config in ("kept", "all"):
-        verify_lavit_folder(folder, config)  # an unfinished or damaged build is not published
-    plan = upload_plan(folder)
-    if dry_run:
-        return plan
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    api.upload_folder(
-        folder_path=str(folder),
-        repo_id=repo_id,
-        repo_type="dataset",
-        allow_patterns=[f for f, _ in plan],
-        commit_message="Upload LaViT-15K built with examples/build_lavit_dataset.py",
-    )
-    return plan
-
-
 __all__ = [
     "VisualCoTSample",
     "SkippedRecord",
@@ -772,6 +572,7 @@ __all__ = [
     "box_to_token_mask",
     "merged_token_grids",
     "resize_gaze",
+    "gaze_topk_weights",
     "COLUMNS",
     "features",
     "write_parquet_atomic",
@@ -780,8 +581,4 @@ __all__ = [
     "write_manifest",
     "verify_lavit_folder",
     "load_lavit_dataset",
-    "dataset_statistics",
-    "render_dataset_card",
-    "upload_plan",
-    "push_dataset_to_hub",
 ]

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from teacher_lavit import model_device
+from modeling_lavit import model_device
 
 
 logger = logging.getLogger(__name__)

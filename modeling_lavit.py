@@ -373,6 +373,11 @@ AttentionInterface.register(LAVIT_ATTENTION, lavit_sdpa_attention_forward)
 AttentionMaskInterface.register(LAVIT_ATTENTION, sdpa_mask)
 
 
+def model_device(model) -> torch.device:
+    """The device of the model's input embeddings: where its inputs go, also under a device map."""
+    return model.get_input_embeddings().weight.device
+
+
 def enable_lavit_attention(model: nn.Module) -> nn.Module:
     """Switches the text attention of a Qwen2.5-VL or LaViT model to `lavit_sdpa` (the vision tower keeps its own).
 
@@ -1008,6 +1013,7 @@ __all__ = [
     "LavitAttentionControl",
     "AttentionCapture",
     "enable_lavit_attention",
+    "model_device",
     "image_attention_capture",
     "concept_loss",
     "trajectory_loss",

@@ -36,10 +36,9 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from configuration_lavit import parse_latent_layers, resolve_latent_layers
-from data_lavit import merged_token_grids, resize_gaze, write_json_atomic
+from data_lavit import gaze_topk_weights, merged_token_grids, resize_gaze, write_json_atomic
 from modeling_lavit import LavitForConditionalGeneration, concept_loss, trajectory_loss
 from processing_lavit import LavitProcessor
-from teacher_lavit import gaze_topk_weights
 
 
 logger = logging.getLogger(__name__)

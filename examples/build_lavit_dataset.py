@@ -27,8 +27,7 @@ import shlex
 import sys
 
 from cli_lavit import checkpoint_model_type, output_folder, positive_int
-from data_lavit import push_dataset_to_hub
-from teacher_lavit import BuilderConfig, build_lavit_dataset, finalize_dataset, plan_shards
+from builder_lavit import BuilderConfig, build_lavit_dataset, finalize_dataset, plan_shards, push_dataset_to_hub
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -534,7 +534,7 @@ def stage_student(args, root: Path, paths: dict, models: dict) -> dict:
 def stage_dataset(args, root: Path, paths: dict, teacher: dict) -> dict:
     """The real LaViT-15K builder on the distillation split: teacher answers with and without the image, gaze and
     V_sem from one forced pass, the three-stage filter."""
-    from teacher_lavit import BuilderConfig, build_lavit_dataset, finalize_dataset
+    from builder_lavit import BuilderConfig, build_lavit_dataset, finalize_dataset
 
     out = str(root / "lavit15k")
     config = BuilderConfig(teacher=teacher["teacher"], viscot_json=paths["distill"], image_root=paths["images"],
@@ -716,7 +716,8 @@ def stage_analysis(args, root: Path, paths: dict, models: dict, teacher: dict, s
                                 perception_gap, plot_entropy_histograms, plot_focus_curves, plot_heatmaps,
                                 plot_perception_gaps)
     from data_lavit import read_visual_cot
-    from teacher_lavit import answer_matches, load_teacher
+    from builder_lavit import answer_matches
+    from teacher_lavit import load_teacher
 
     folder = root / "analysis"
     folder.mkdir(exist_ok=True)

@@ -46,7 +46,8 @@ def write_lavit15k_folder(folder, n: int, width: int, seed: int = 0) -> str:
     manifest and the card)."""
     from pathlib import Path
 
-    from data_lavit import commit_shard, dataset_statistics, render_dataset_card, write_manifest, write_parquet_atomic
+    from builder_lavit import dataset_statistics, render_dataset_card
+    from data_lavit import commit_shard, write_manifest, write_parquet_atomic
 
     rows = lavit15k_rows(n, width, seed)
     write_parquet_atomic(rows, Path(folder) / "kept" / "shard-00000.parquet")

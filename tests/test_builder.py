@@ -15,8 +15,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from data_lavit import COLUMNS, commit_shard, load_lavit_dataset, push_dataset_to_hub, write_manifest
-from teacher_lavit import BuilderConfig, build_lavit_dataset, finalize_dataset
+from builder_lavit import BuilderConfig, build_lavit_dataset, finalize_dataset, push_dataset_to_hub
+from data_lavit import COLUMNS, commit_shard, load_lavit_dataset, write_manifest
 from viscot_fixture import write_viscot
 
 ROOT = Path(__file__).resolve().parents[1]

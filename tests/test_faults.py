@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_lavit import load_lavit_dataset, read_visual_cot, verify_lavit_folder
-from teacher_lavit import BuilderConfig, build_lavit_dataset, finalize_dataset
+from builder_lavit import BuilderConfig, build_lavit_dataset, finalize_dataset
 from viscot_fixture import record, write_viscot
 
 

@@ -8,16 +8,13 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from conftest import noise_image
+from builder_lavit import anls, answer_matches, filter_stages, normalize_answer
+from data_lavit import gaze_topk_weights
 from teacher_lavit import (
-    anls,
-    answer_matches,
     check_teacher,
     extract_teacher_signals,
-    filter_stages,
-    gaze_topk_weights,
     generate_answers,
     load_teacher,
-    normalize_answer,
     teacher_forced_inputs,
 )
 
