@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from data_lavit import (
     COLUMNS,
+    MANIFEST,
     box_to_token_mask,
     check_shard,
     clip_box,
@@ -238,6 +239,10 @@ def _process_batch(model, processor, samples, config: BuilderConfig, judge) -> t
     for b, (sample, image, data) in enumerate(loaded):
         rows_, cols_ = signals.grid[b]
         gaze = signals.gaze[b]
+        if not np.isfinite(gaze).all():
+            rejections.append({"id": sample.id, "reason": "nonfinite_gaze",
+                               "detail": f"{sample.image}: the teacher's gaze holds NaN or inf"})
+            continue
         if not float(gaze.max() - gaze.min()) > 0:
             # Equal attention everywhere says nothing about where to look, and its top-k target would be arbitrary.
             rejections.append({"id": sample.id, "reason": "flat_gaze",
@@ -327,6 +332,13 @@ def check_output_dir(output_dir: str, config: BuilderConfig, write: bool = True)
     fingerprint = config.fingerprint()
     if path.exists():
         existing = json.loads(path.read_text(encoding="utf-8"))
+        if "viscot_json_sha256" not in existing and {**existing, "viscot_json_sha256": None} == {
+                **fingerprint, "viscot_json_sha256": None}:
+            # A folder an older builder started, before the input was fingerprinted by content: same arguments, so
+            # its content fingerprint is recorded from now on (its shards are checked as they are resumed).
+            existing["viscot_json_sha256"] = fingerprint["viscot_json_sha256"]
+            if write:
+                write_json_atomic(existing, path)
         if existing != fingerprint:
             diff = sorted(k for k in set(existing) | set(fingerprint) if existing.get(k) != fingerprint.get(k))
             if diff == ["viscot_json_sha256"] and "viscot_json_sha256" in existing:
@@ -400,6 +412,7 @@ def build_lavit_dataset(
     summary = BuildSummary(shards_skipped=len(mine) - len(todo))
     if not todo:
         return summary
+    (Path(output_dir) / MANIFEST).unlink(missing_ok=True)  # the folder is unfinished again until finalize
     if model is None:
         model, processor = load_teacher(config.teacher, config.dtype, device, device_map, config.min_pixels,
                                         config.max_pixels)
@@ -441,6 +454,9 @@ def finalize_dataset(output_dir: str, config: BuilderConfig, command: str) -> di
     for leftover in Path(output_dir).rglob(".*.tmp-*"):  # partial files of a killed run
         leftover.unlink()
     inputs = check_output_dir(output_dir, config, write=False)
+    # the manifest is published with the data: the inputs by name and content, not by this machine's paths
+    inputs = {**inputs, "viscot_json": os.path.basename(inputs["viscot_json"]),
+              "image_root": os.path.basename(os.path.normpath(inputs["image_root"]))}
     names = _planned_shards(config)
     for name in names:
         shard_status(output_dir, name)  # records the hashes of a shard an older builder finished

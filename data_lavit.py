@@ -399,11 +399,14 @@ MANIFEST_FORMAT = "lavit15k-manifest/1"
 SHARD_FOLDERS = (("kept", ".parquet"), ("all", ".parquet"), ("rejections", ".jsonl"))
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     import hashlib
 
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def commit_shard(folder: str | os.PathLike, name: str, counts: dict[str, int]) -> dict[str, Any]:
@@ -452,6 +455,8 @@ def check_shard(folder: str | os.PathLike, name: str, record: dict[str, Any] | N
             if path.exists():
                 return f"{relative} is not part of it as recorded"
             continue
+        if not isinstance(expected, dict) or not {"bytes", "sha256"} <= set(expected):
+            return f"its record of {relative} is damaged"
         if not path.exists():
             return f"{relative} is missing"
         size = path.stat().st_size
@@ -515,7 +520,10 @@ def verify_lavit_folder(folder: str | os.PathLike, config: str = "kept") -> dict
         raise ValueError(f"{path} is damaged ({err}); run the build command again to rewrite it.") from err
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not manifest.get("complete"):
         raise ValueError(f"{path} is not a complete {MANIFEST_FORMAT} manifest; run the build command again.")
-    shards = manifest.get("shards", {})
+    shards = manifest.get("shards")
+    if not isinstance(shards, dict) or not all(isinstance(r, dict) and isinstance(r.get("files"), dict)
+                                               for r in shards.values()):
+        raise ValueError(f"{path} is damaged (its shard records are unreadable); run the build command again.")
     for name, record in sorted(shards.items()):
         problem = check_shard(folder, name, record, subfolders=(config,))
         if problem is not None:

@@ -76,11 +76,13 @@ def _remote_code_files(folder: Path, config: dict[str, Any]) -> list[str]:
     return sorted(files)
 
 
-def check_publishable(folder: str | os.PathLike) -> dict[str, Any]:
-    """Checks that `folder` is a LaViT checkpoint others can load with `trust_remote_code=True`, and returns its
-    config. Raises a ValueError naming the problem and the fix: not a LaViT checkpoint, a LoRA adapter, no
-    safetensors weights, a missing processor file, or remote-code files missing."""
+def check_publishable(folder: str | os.PathLike, extra: dict[str, str] | None = None) -> dict[str, Any]:
+    """Checks that `folder` (with the `extra` files, name -> source path, that the upload adds) is a LaViT
+    checkpoint others can load with `trust_remote_code=True`, and returns its config. Raises a ValueError naming the
+    problem and the fix: not a LaViT checkpoint, a LoRA adapter, no safetensors weights, a missing processor file,
+    or remote-code files missing."""
     root = Path(folder)
+    extra = extra or {}
     if not (root / "config.json").is_file():
         if (root / "adapter_config.json").is_file():
             raise ValueError(
@@ -106,8 +108,10 @@ def check_publishable(folder: str | os.PathLike) -> dict[str, Any]:
                          "(processor.save_pretrained(folder), as examples/train_lavit.py does).")
     if not (config.get("auto_map") or {}).get("AutoModelForImageTextToText"):
         raise ValueError(f"{folder}/config.json has no auto_map for AutoModelForImageTextToText, so "
-                         "trust_remote_code=True would not find LaViT's class; publish with --add-remote-code.")
-    absent = [file for file in _remote_code_files(root, config) if not (root / file).is_file()]
+                         "trust_remote_code=True would not find LaViT's class. Load the model with "
+                         "AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True) and save it again "
+                         "(or save it with conversion_lavit.save_lavit_checkpoint), which writes the auto_map.")
+    absent = [file for file in _remote_code_files(root, config) if not (root / file).is_file() and file not in extra]
     if absent:
         raise ValueError(
             f"{folder} lacks the remote-code files {absent} that its auto_map names, so nobody could load it with "
@@ -117,31 +121,27 @@ def check_publishable(folder: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def add_remote_code(folder: str | os.PathLike) -> list[str]:
-    """Copies the installed LaViT remote-code files (configuration, modeling, processing) into `folder`, where
-    they are missing; returns the files written."""
+def installed_remote_code(folder: str | os.PathLike) -> dict[str, str]:
+    """The installed LaViT remote-code files (configuration, modeling, processing) that `folder` lacks, as
+    name -> source path: what `--add-remote-code` adds to the upload (the checkpoint itself is left as it is)."""
     import configuration_lavit
     import modeling_lavit
     import processing_lavit
 
-    written = []
-    for module in (configuration_lavit, modeling_lavit, processing_lavit):
-        target = Path(folder) / Path(module.__file__).name
-        if not target.exists():
-            shutil.copyfile(module.__file__, target)
-            written.append(target.name)
-    return written
+    files = {Path(m.__file__).name: m.__file__ for m in (configuration_lavit, modeling_lavit, processing_lavit)}
+    return {name: source for name, source in files.items() if not (Path(folder) / name).exists()}
 
 
-def publish_plan(folder: str | os.PathLike) -> list[tuple[str, int]]:
-    """The files of `folder` that a repository of the checkpoint holds, as `(name, bytes)`, sorted (the card, made
-    separately, is added as README.md)."""
-    root = Path(folder)
-    config = check_publishable(root)
+def publish_plan(folder: str | os.PathLike, extra: dict[str, str] | None = None) -> list[tuple[str, int, str]]:
+    """The files a repository of the checkpoint holds, as `(name, bytes, source path)`, sorted: `folder`'s files that
+    load, and the `extra` ones (name -> source path). The card, made separately, is added as README.md."""
+    root, extra = Path(folder), extra or {}
+    config = check_publishable(root, extra)
     wanted = set(_remote_code_files(root, config))
-    names = sorted(p.name for p in root.iterdir() if p.is_file())
-    chosen = [n for n in names if n in wanted or any(fnmatch.fnmatch(n, pattern) for pattern in LOADABLE)]
-    return [(name, (root / name).stat().st_size) for name in chosen]
+    sources = {p.name: str(p) for p in root.iterdir() if p.is_file()}
+    sources.update({name: source for name, source in extra.items() if name in wanted})
+    chosen = sorted(n for n in sources if n in wanted or any(fnmatch.fnmatch(n, pattern) for pattern in LOADABLE))
+    return [(name, os.path.getsize(sources[name]), sources[name]) for name in chosen]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,7 +183,8 @@ def check_evaluation_report(report: dict[str, Any], weights: str, path: str) -> 
     if recorded != weights:
         raise ValueError(
             f"{path} evaluated other weights (fingerprint {recorded}, this checkpoint's is {weights}): it is another "
-            "model's report. Evaluate this checkpoint with examples/evaluate.py --model <it> and pass that report."
+            "model's report (or the same weights evaluated in another dtype than the report records). Evaluate this "
+            "checkpoint with examples/evaluate.py --model <it> and pass that report."
         )
     return report
 
@@ -236,21 +237,22 @@ def render_model_card(folder: str | os.PathLike, repo_id: str, base_model: str, 
         "library_name": "transformers", "pipeline_tag": "image-text-to-text", "base_model": base_model,
         "datasets": [dataset["id"]] if dataset.get("id") else None, "license": license, "tags": tags,
     }
-    method = "LaViT" if settings.get("distill", True) else "Naive SFT (the paper's control: no latent tokens)"
+    distilled = settings.get("distill", True)
     name = repo_id.split("/")[-1]
     load = "" if stock else ", trust_remote_code=True"
-    lines = [
-        _front_matter(fields),
-        f"# {name}",
-        "",
-        f"A {base_model} student trained with {method}: it writes K = {k} latent visual tokens before its answer, "
-        "trained to look where its teacher looks (LaViT: Aligning Latent Visual Thoughts for Multi-modal Reasoning).",
-        "",
-    ]
+    if distilled:
+        summary = (f"A {base_model} student trained with LaViT: it writes K = {k} latent visual tokens before its "
+                   "answer, trained to look where its teacher looks (LaViT: Aligning Latent Visual Thoughts for "
+                   "Multi-modal Reasoning).")
+        template = "the chat template still appends the latent tokens after the generation prompt"
+    else:
+        summary = (f"A {base_model} student trained with Naive SFT, the LaViT paper's control: the same data and "
+                   "student, text-only supervision, no latent tokens and no teacher signals.")
+        template = "its chat template appends no latent tokens"
+    lines = [_front_matter(fields), f"# {name}", "", summary, ""]
     if stock:
         lines += ["This is the stock Qwen2.5-VL export of the LaViT checkpoint: no remote code and no concept head "
-                  "(it serves training only); the chat template still appends the latent tokens after the generation "
-                  "prompt, so vLLM and SGLang run it as it was trained.", ""]
+                  f"(it serves training only); {template}, so vLLM and SGLang run it as it was trained.", ""]
     lines += [
         "## Usage",
         "",
@@ -277,12 +279,19 @@ def render_model_card(folder: str | os.PathLike, repo_id: str, base_model: str, 
         f"- teacher: {teacher or 'not recorded'}",
         "- data: LaViT-15K" + (f" ({dataset['id']})" if dataset.get("id") else "")
         + (f", {dataset['kept']} kept of {dataset['rows']} processed samples" if "kept" in dataset else ""),
-        f"- latent tokens: K = {k}; L_traj reads layers {config.get('latent_attention_layers')}",
-        f"- losses: lambda_concept = {settings.get('concept_loss_coef')}, lambda_traj = "
-        f"{settings.get('trajectory_loss_coef')} (concept target {settings.get('concept_target')}, trajectory top-k "
-        f"{settings.get('trajectory_topk')})",
-        f"- sensory gate: {settings.get('gate_schedule')} schedule, T_w = {settings.get('gate_warmup_steps')} steps, "
-        f"epsilon = {settings.get('gate_epsilon')}",
+    ]
+    if distilled:
+        lines += [
+            f"- latent tokens: K = {k}; L_traj reads layers {config.get('latent_attention_layers')}",
+            f"- losses: lambda_concept = {settings.get('concept_loss_coef')}, lambda_traj = "
+            f"{settings.get('trajectory_loss_coef')} (concept target {settings.get('concept_target')}, trajectory "
+            f"top-k {settings.get('trajectory_topk')})",
+            f"- sensory gate: {settings.get('gate_schedule')} schedule, T_w = {settings.get('gate_warmup_steps')} "
+            f"steps, epsilon = {settings.get('gate_epsilon')}",
+        ]
+    else:
+        lines += ["- losses: next-token prediction only (no latent tokens, no sensory gate)"]
+    lines += [
         f"- optimisation: {settings.get('max_steps')} steps, learning rate {settings.get('learning_rate')} "
         f"({settings.get('lr_scheduler_type')}), batch {settings.get('per_device_train_batch_size')} per device, "
         f"seed {settings.get('seed')}; vision tower {'frozen' if settings.get('freeze_vision_tower') else 'trained'}",
@@ -305,22 +314,20 @@ def render_model_card(folder: str | os.PathLike, repo_id: str, base_model: str, 
     return "\n".join(lines)
 
 
-def stage_upload(folder: str | os.PathLike, card: str, target: str | os.PathLike) -> list[tuple[str, int]]:
-    """Writes the upload into `target` exactly as the repository will hold it: the planned files (hard links where
-    the file system allows, copies otherwise) and README.md. Returns the plan with the card."""
+def stage_upload(plan: list[tuple[str, int, str]], card: str, target: str | os.PathLike) -> None:
+    """Writes an upload into `target` exactly as the repository will hold it: the planned files (hard links where
+    the file system allows, copies otherwise) and README.md."""
     target = Path(target)
     if target.exists() and any(target.iterdir()):
         raise ValueError(f"{target} is not empty; stage the upload into a new folder.")
     target.mkdir(parents=True, exist_ok=True)
-    plan = publish_plan(folder)
-    for name, _ in plan:
+    for name, _, source in plan:
         try:
-            os.link(Path(folder) / name, target / name)
+            os.link(source, target / name)
         except OSError:
-            shutil.copyfile(Path(folder) / name, target / name)
+            shutil.copyfile(source, target / name)
     (target / "README.md").write_text(card, encoding="utf-8")
-    return sorted(plan + [("README.md", (target / "README.md").stat().st_size)])
 
 
-__all__ = ["check_repo_id", "check_publishable", "add_remote_code", "publish_plan", "read_run_settings",
+__all__ = ["check_repo_id", "check_publishable", "installed_remote_code", "publish_plan", "read_run_settings",
            "read_dataset_facts", "check_evaluation_report", "render_model_card", "stage_upload"]

@@ -334,20 +334,23 @@ def gaze_problem(gaze: np.ndarray, grid: tuple[int, int]) -> str | None:
     return None
 
 
-def check_gaze_columns(gaze_column, grid_column, id_column, name: str) -> None:
-    """Scans a dataset's `gaze` and `gaze_grid` (pyarrow columns) once, before training: every sample must give a
-    trajectory target. Raises a `ValueError` naming the samples (up to 5), their count and the fix."""
-    import pyarrow as pa
-
-    gaze_column = gaze_column.combine_chunks() if isinstance(gaze_column, pa.ChunkedArray) else gaze_column
-    grids = np.asarray(grid_column.to_pylist() if len(grid_column) else [], dtype=np.int64).reshape(-1, 2)
-    offsets = np.asarray(gaze_column.offsets)
-    values = np.asarray(gaze_column.flatten().to_numpy(zero_copy_only=False), dtype=np.float64)
+def check_gaze_columns(table, name: str) -> None:
+    """Scans a dataset's `gaze` and `gaze_grid` (a pyarrow table of the dataset's own rows, with `id` if it has one)
+    once, before training: every sample must give a trajectory target. Raises a `ValueError` naming the samples
+    (up to 5), their count and the fix."""
+    gaze_column = table.column("gaze").combine_chunks()
+    grids = table.column("gaze_grid").to_pylist()
+    ids = table.column("id").to_pylist() if "id" in table.column_names else None
+    offsets = np.asarray(gaze_column.offsets)  # absolute positions in .values, also for a sliced array
+    values = np.asarray(gaze_column.values.to_numpy(zero_copy_only=False), dtype=np.float64)
     bad = []
-    for i in range(len(grids)):
-        problem = gaze_problem(values[offsets[i]:offsets[i + 1]], (int(grids[i, 0]), int(grids[i, 1])))
+    for i, grid in enumerate(grids):
+        if grid is None or len(grid) != 2 or gaze_column[i].as_py() is None:
+            problem = "it has no gaze or no gaze_grid"
+        else:
+            problem = gaze_problem(values[offsets[i]:offsets[i + 1]], (int(grid[0]), int(grid[1])))
         if problem is not None:
-            bad.append((id_column[i].as_py() if id_column is not None else f"#{i}", problem))
+            bad.append((ids[i] if ids is not None else f"#{i}", problem))
     if bad:
         shown = "; ".join(f"sample {sample}: {problem}" for sample, problem in bad[:5])
         raise ValueError(
@@ -361,6 +364,7 @@ RUN_SETTINGS = ("distill", "concept_loss_coef", "trajectory_loss_coef", "gate_sc
                 "gate_epsilon", "concept_target", "trajectory_target_tokens", "trajectory_topk", "response_column",
                 "latent_attention_layers", "freeze_vision_tower", "learning_rate", "lr_scheduler_type", "max_steps",
                 "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
+RESUME_MAY_CHANGE = ("max_steps",)  # extending a finished run is a resume too
 RUN_FILES = ("trainer_state.json", "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
              "training_args.bin", RUN_RECORD)
 
@@ -375,7 +379,9 @@ def previous_run_files(folder: Path) -> list[str]:
     if not folder.is_dir():
         return []
     found = sorted(p.name for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir())
-    return found + [name for name in RUN_FILES if (folder / name).exists()]
+    found += [name for name in RUN_FILES if name != RUN_RECORD and (folder / name).exists()]
+    # a record alone is a run that stopped before it saved anything: nothing of it would be overwritten
+    return found + [RUN_RECORD] if found and (folder / RUN_RECORD).exists() else found
 
 
 def resolve_resume(value: str | bool | None, output_dir: str) -> str | None:
@@ -623,35 +629,47 @@ class LavitSFTTrainer(SFTTrainer):
         return super().train(resume, *args, **kwargs)
 
     def _check_output_dir(self, resume: str | None) -> None:
+        """Decided on the main process and shared with every rank (ranks that see different file systems must not
+        disagree and leave some waiting); raises the same error everywhere."""
+        problem = self._output_dir_problem(resume) if self.is_world_process_zero() else None
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            problem = broadcast_object_list([problem])[0]
+        if problem is not None:
+            raise ValueError(problem)
         folder = Path(self.args.output_dir)
-        settings = run_settings(self.args)
-        record = folder / RUN_RECORD
-        if resume is not None:
-            if record.exists():
-                before = json.loads(record.read_text(encoding="utf-8"))
-                changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-                if changed:
-                    raise ValueError(
-                        f"Resuming {resume} with other settings than its run had (they differ in {changed}): the "
-                        "result would be neither run. Resume with the same settings, or start a new output_dir."
-                    )
-        else:
-            found = previous_run_files(folder)
-            if found and not self.args.overwrite_output_dir:
-                raise ValueError(
-                    f"{folder} holds another run ({', '.join(found[:4])}{' ...' if len(found) > 4 else ''}); training "
-                    "into it would overwrite part of that run and leave the rest beside this one. Pass "
-                    "resume_from_checkpoint=True (--resume_from_checkpoint true) to continue it, overwrite_output_dir="
-                    "True to replace it, or choose a new output_dir."
-                )
-            if found and self.is_world_process_zero():
-                for checkpoint in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-                    logger.warning("overwrite_output_dir: removing the earlier run's %s", checkpoint)
-                    shutil.rmtree(checkpoint)
-            self.accelerator.wait_for_everyone()
+        if resume is None and self.is_world_process_zero():
+            for checkpoint in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):  # only with overwrite_output_dir
+                logger.warning("overwrite_output_dir: removing the earlier run's %s", checkpoint)
+                shutil.rmtree(checkpoint)
         if self.is_world_process_zero():
             folder.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(settings, record)
+            write_json_atomic(run_settings(self.args), folder / RUN_RECORD)
+        self.accelerator.wait_for_everyone()
+
+    def _output_dir_problem(self, resume: str | None) -> str | None:
+        folder = Path(self.args.output_dir)
+        if resume is not None:
+            # the record of the run the checkpoint belongs to: next to it, else in this output_dir
+            records = [Path(resume).parent / RUN_RECORD, folder / RUN_RECORD]
+            record = next((r for r in records if r.is_file()), None)
+            if record is None:
+                return None
+            before, now = json.loads(record.read_text(encoding="utf-8")), run_settings(self.args)
+            changed = sorted(k for k in set(before) | set(now)
+                             if k not in RESUME_MAY_CHANGE and before.get(k) != now.get(k))
+            if changed:
+                return (f"Resuming {resume} with other settings than its run had (they differ in {changed}): the "
+                        "result would be neither run. Resume with the same settings, or start a new output_dir.")
+            return None
+        found = previous_run_files(folder)
+        if found and not self.args.overwrite_output_dir:
+            return (f"{folder} holds another run ({', '.join(found[:4])}{' ...' if len(found) > 4 else ''}); training "
+                    "into it would overwrite part of that run and leave the rest beside this one. Pass "
+                    "resume_from_checkpoint=True (--resume_from_checkpoint true) to continue it, overwrite_output_dir="
+                    "True to replace it, or choose a new output_dir.")
+        return None
 
     def _check_ddp_settings(self) -> None:
         """Before the first step: the DDP settings that would stop a multi-process run at its first or second
@@ -692,9 +710,11 @@ class LavitSFTTrainer(SFTTrainer):
                 f"needs (it has {sorted(columns)}). Build LaViT-15K with examples/build_lavit_dataset.py, or set "
                 "distill=False for Naive SFT."
             )
-        if args.distill and hasattr(dataset, "data") and hasattr(dataset.data, "column"):
-            check_gaze_columns(dataset.data.column("gaze"), dataset.data.column("gaze_grid"),
-                               dataset.data.column("id") if "id" in columns else None, name)
+        if args.distill and hasattr(dataset, "select_columns") and hasattr(dataset, "with_format") and not hasattr(
+                dataset, "n_shards"):  # a map-style datasets.Dataset (streamed rows are checked by the collator)
+            wanted = ["gaze", "gaze_grid"] + (["id"] if "id" in columns else [])
+            # the dataset's own rows (after any filter, shuffle or split), as one arrow table
+            check_gaze_columns(dataset.select_columns(wanted).with_format("arrow")[:], name)
 
     def _metric(self, mode: str, name: str, value: torch.Tensor | float) -> None:
         if torch.is_tensor(value):

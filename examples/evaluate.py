@@ -102,6 +102,7 @@ def main(argv=None) -> None:
     markdown, table = render_report(rows)
     # which weights these rows score (examples/push_lavit.py publishes a report with the checkpoint it evaluated only)
     table["model"], table["weights"] = args.model, model_fingerprint(model)
+    table["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")  # the fingerprint depends on it
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "report.md"), "w") as f:
         f.write(markdown)

@@ -46,23 +46,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare(args, log) -> list[dict]:
-    """Every check and file before anything is sent: the uploads as `{"repo", "branch", "folder", "card", "plan"}`."""
+def prepare(args, workdir: str) -> list[dict]:
+    """Every check and file before anything is sent: the uploads as `{"repo", "branch", "card", "plan"}`, a plan being
+    `(name, bytes, source path)`; a stock export is written under `workdir`."""
+    import torch
+
     from evaluation_lavit import model_fingerprint
     from modeling_lavit import LavitForConditionalGeneration
-    from publishing_lavit import (add_remote_code, check_evaluation_report, check_publishable, check_repo_id,
-                                  publish_plan, read_dataset_facts, read_run_settings, render_model_card)
+    from publishing_lavit import (check_evaluation_report, check_repo_id, installed_remote_code, publish_plan,
+                                  read_dataset_facts, read_run_settings, render_model_card)
 
     check_repo_id(args.repo_id)
     if args.stock_repo:
         check_repo_id(args.stock_repo, "stock repo id")
     if args.stock_repo and args.stock_branch:
         raise ValueError("Give --stock-repo or --stock-branch, not both.")
-    if args.add_remote_code and os.path.isdir(args.checkpoint):
-        for name in add_remote_code(args.checkpoint):
-            log.info("added remote-code file %s", name)
-    check_publishable(args.checkpoint)
-    read_run_settings(args.checkpoint)
+    # --add-remote-code adds the installed files to the upload; the checkpoint folder itself is not changed
+    extra = installed_remote_code(args.checkpoint) if args.add_remote_code and os.path.isdir(args.checkpoint) else {}
+    plan = publish_plan(args.checkpoint, extra)  # checks the checkpoint first
+    settings = read_run_settings(args.checkpoint)
     dataset = read_dataset_facts(args.dataset)
     if args.dataset_id:
         dataset["id"] = check_repo_id(args.dataset_id, "dataset id")
@@ -70,38 +72,44 @@ def prepare(args, log) -> list[dict]:
     if args.eval_report:
         with open(args.eval_report, encoding="utf-8") as f:
             report = json.load(f)
-        model = LavitForConditionalGeneration.from_pretrained(args.checkpoint, dtype="auto")
+        dtype = report.get("dtype", "auto")  # the dtype the report's run loaded the weights in
+        model = LavitForConditionalGeneration.from_pretrained(
+            args.checkpoint, dtype=getattr(torch, dtype.replace("torch.", "")) if dtype != "auto" else "auto")
         check_evaluation_report(report, model_fingerprint(model), args.eval_report)
         del model
     card = render_model_card(args.checkpoint, args.repo_id, args.base_model, dataset, args.license, args.teacher,
                              report)
-    uploads = [{"repo": args.repo_id, "branch": None, "folder": args.checkpoint, "card": card,
-                "plan": publish_plan(args.checkpoint)}]
+    uploads = [{"repo": args.repo_id, "branch": None, "card": card, "plan": plan}]
     if args.stock_repo or args.stock_branch:
         from conversion_lavit import export_to_qwen2_5_vl
 
-        stock_dir = os.path.join(tempfile.mkdtemp(prefix="lavit-stock-"), "stock")
-        export_to_qwen2_5_vl(args.checkpoint, stock_dir)
+        stock_dir = os.path.join(workdir, "stock")
+        # a student trained without latent tokens is exported without them in its chat template
+        export_to_qwen2_5_vl(args.checkpoint, stock_dir, force_latent_tokens=bool(settings.get("distill", True)))
         repo = args.stock_repo or args.repo_id
         stock_card = render_model_card(args.checkpoint, repo, args.base_model, dataset, args.license, args.teacher,
                                        report, stock=True)
-        names = sorted(os.listdir(stock_dir))
-        uploads.append({"repo": repo, "branch": args.stock_branch, "folder": stock_dir, "card": stock_card,
-                        "plan": [(n, os.path.getsize(os.path.join(stock_dir, n))) for n in names
-                                 if os.path.isfile(os.path.join(stock_dir, n)) and n != "README.md"]})
+        names = sorted(n for n in os.listdir(stock_dir) if n != "README.md")
+        uploads.append({"repo": repo, "branch": args.stock_branch, "card": stock_card,
+                        "plan": [(n, os.path.getsize(os.path.join(stock_dir, n)), os.path.join(stock_dir, n))
+                                 for n in names if os.path.isfile(os.path.join(stock_dir, n))]})
     return uploads
 
 
 def upload(entry: dict, private: bool) -> str:
-    """One commit of the planned files and the card to `entry["repo"]` (its branch), with huggingface_hub."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    """One commit to `entry["repo"]` (its branch) with huggingface_hub: the planned files and the card, and the
+    deletion of every other file there (an earlier push's, or main's files on a new branch), so that the revision
+    holds exactly what loads."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     api = HfApi()
     api.create_repo(entry["repo"], repo_type="model", private=private, exist_ok=True)
     if entry["branch"]:
         api.create_branch(entry["repo"], branch=entry["branch"], exist_ok=True)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(entry["folder"], name))
-                  for name, _ in entry["plan"]]
+    keep = {name for name, _, _ in entry["plan"]} | {"README.md", ".gitattributes"}
+    present = api.list_repo_files(entry["repo"], revision=entry["branch"])
+    operations = [CommitOperationDelete(path_in_repo=name) for name in present if name not in keep]
+    operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=source) for name, _, source in entry["plan"]]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=entry["card"].encode("utf-8")))
     commit = api.create_commit(entry["repo"], operations=operations, revision=entry["branch"],
                                commit_message="Upload a LaViT student with examples/push_lavit.py")
@@ -114,25 +122,26 @@ def main(argv=None) -> None:
     log = logging.getLogger("push_lavit")
     if args.stage_dir and not args.dry_run:
         raise SystemExit("--stage-dir lays out a dry run; add --dry-run.")
-    try:
-        uploads = prepare(args, log)
-    except ValueError as err:
-        raise SystemExit(str(err)) from err
-    for entry in uploads:
-        where = entry["repo"] + (f" (branch {entry['branch']})" if entry["branch"] else "")
-        files = entry["plan"] + [("README.md", len(entry["card"].encode("utf-8")))]
-        if args.dry_run:
-            print(f"would upload {len(files)} files to {where}:")
-            for name, size in sorted(files):
-                print(f"  {name} ({size} bytes)")
-            print(entry["card"])
-        else:
-            log.info("uploaded %d files to %s: %s", len(files), where, upload(entry, args.private))
-    if args.dry_run and args.stage_dir:
-        from publishing_lavit import stage_upload
+    with tempfile.TemporaryDirectory(prefix="lavit-push-") as workdir:  # the stock export lives through the upload
+        try:
+            uploads = prepare(args, workdir)
+        except ValueError as err:
+            raise SystemExit(str(err)) from err
+        for entry in uploads:
+            where = entry["repo"] + (f" (branch {entry['branch']})" if entry["branch"] else "")
+            files = [(name, size) for name, size, _ in entry["plan"]] + [("README.md", len(entry["card"].encode()))]
+            if args.dry_run:
+                print(f"would upload {len(files)} files to {where}:")
+                for name, size in sorted(files):
+                    print(f"  {name} ({size} bytes)")
+                print(entry["card"])
+            else:
+                log.info("uploaded %d files to %s: %s", len(files), where, upload(entry, args.private))
+        if args.dry_run and args.stage_dir:
+            from publishing_lavit import stage_upload
 
-        stage_upload(uploads[0]["folder"], uploads[0]["card"], args.stage_dir)
-        log.info("staged the upload of %s in %s", uploads[0]["repo"], args.stage_dir)
+            stage_upload(uploads[0]["plan"], uploads[0]["card"], args.stage_dir)
+            log.info("staged the upload of %s in %s", uploads[0]["repo"], args.stage_dir)
 
 
 if __name__ == "__main__":

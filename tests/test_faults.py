@@ -84,6 +84,26 @@ def test_a_damaged_folder_is_refused_and_the_builder_rebuilds_exactly_that_shard
     assert rows(out) == expected and len(load_lavit_dataset(out, "kept")) == len(rows(out, "kept"))
 
 
+def test_a_folder_an_older_builder_made_is_finalised_by_its_build_command(finished, teacher_pair, tmp_path):
+    """Before content hashes: no input fingerprint, shard records without files, no manifest. The same command
+    records what the intact shards hold (rebuilding none) and finishes the folder."""
+    config, _, expected = finished
+    out = copy_of(finished, tmp_path)
+    builder_config = json.loads((out / "builder_config.json").read_text())
+    del builder_config["viscot_json_sha256"]
+    (out / "builder_config.json").write_text(json.dumps(builder_config))
+    for record_path in (out / "done").glob("*.json"):
+        record = json.loads(record_path.read_text())
+        record_path.write_text(json.dumps({k: v for k, v in record.items() if k != "files"}))
+    (out / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="Run examples/build_lavit_dataset.py again with the same arguments"):
+        load_lavit_dataset(out, "kept")
+    summary = build(config, out, teacher_pair)
+    assert summary.shards_done == 0 and summary.shards_skipped == 4
+    assert rows(out) == expected and len(load_lavit_dataset(out, "all")) == 8
+    assert "viscot_json_sha256" in json.loads((out / "builder_config.json").read_text())
+
+
 def test_a_parquet_file_the_build_did_not_write_is_refused(finished, tmp_path):
     out = copy_of(finished, tmp_path)
     shutil.copy(out / "kept" / "shard-00000.parquet", out / "kept" / "shard-00099.parquet")
@@ -257,8 +277,14 @@ def test_gazes_that_make_no_target_are_refused_before_training(lavit_dir, proces
     assert message.startswith("2 samples of the train dataset cannot give a trajectory target")
     assert "sample gqa/1: its gaze is flat (0.0 on every cell)" in message
     assert "sample gqa/2: its gaze_grid [0, 0] has no cells" in message and "build_lavit_dataset.py" in message
-    # Naive SFT reads no gaze: the same rows train
+    # Naive SFT reads no gaze: the same rows train; and the fix the message names works (the check reads the
+    # dataset's own rows, after the filter, not the table underneath)
     trainer_for(lavit_dir, processor, tmp_path / "naive", lavit15k_with(4, spoil), distill=False)
+    kept = lavit15k_with(4, spoil).filter(lambda row: row["id"] not in ("gqa/1", "gqa/2"))
+    trainer_for(lavit_dir, processor, tmp_path / "filtered", kept)
+    with pytest.raises(ValueError, match=r"^1 samples .*sample gqa/2: its gaze_grid"):
+        trainer_for(lavit_dir, processor, tmp_path / "shuffled", lavit15k_with(4, spoil).shuffle(seed=0).filter(
+            lambda row: row["id"] != "gqa/1"))
 
 
 def test_image_bytes_that_do_not_decode_are_named_with_their_sample(lavit_dir, processor, tmp_path):
@@ -280,11 +306,20 @@ def test_another_runs_folder_is_refused_unless_resumed_or_overwritten(lavit_dir,
     trainer_for(lavit_dir, processor, out, lavit15k_with(4), max_steps=2, overwrite_output_dir=True).train()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]  # no stale -3
     # a resume continues the latest checkpoint ("true", as the command line passes it), with the same settings only
-    with pytest.raises(ValueError, match=r"Resuming .*checkpoint-2 with other settings .* differ in \['max_steps'\]"):
-        trainer_for(lavit_dir, processor, out, lavit15k_with(4), max_steps=3).train(resume_from_checkpoint="true")
-    resumed = trainer_for(lavit_dir, processor, out, lavit15k_with(4), max_steps=2)
+    # (more steps extend a run); the record next to the checkpoint counts, also from another output_dir
+    for where in (out, tmp_path / "elsewhere"):
+        with pytest.raises(ValueError, match=r"Resuming .*checkpoint-2 with other settings .* differ in "
+                                             r"\['concept_loss_coef'\]"):
+            trainer_for(lavit_dir, processor, where, lavit15k_with(4), concept_loss_coef=0.1).train(
+                resume_from_checkpoint=str(out / "checkpoint-2"))
+    resumed = trainer_for(lavit_dir, processor, out, lavit15k_with(4), max_steps=3)
     resumed.train(resume_from_checkpoint="true")
-    assert resumed.state.global_step == 2
+    assert resumed.state.global_step == 3
+    # a run that stopped before it saved anything left only its record: a new run may start there
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    (crashed / "lavit_run.json").write_text("{}")
+    trainer_for(lavit_dir, processor, crashed, lavit15k_with(4), max_steps=1).train()
     with pytest.raises(ValueError, match=r"holds no checkpoint-<step> folder to resume from"):
         trainer_for(lavit_dir, processor, tmp_path / "empty", lavit15k_with(4)).train(resume_from_checkpoint=True)
 

@@ -150,9 +150,23 @@ def test_bad_input_is_refused_before_anything_is_sent(trained, tiny_base_dir, tm
     args = ["--checkpoint", str(no_code), *base_args(trained, "--dry-run")[2:]]
     with pytest.raises(SystemExit, match=r"lacks the remote-code files \['modeling_lavit.py'\] .* --add-remote-code"):
         push(args)
-    push(args + ["--add-remote-code"])  # the fix named works
-    assert (no_code / "modeling_lavit.py").read_bytes() == (ROOT / "modeling_lavit.py").read_bytes()
+    stage = tmp_path / "stage"
+    push(args + ["--add-remote-code", "--stage-dir", str(stage)])  # the fix named works: the upload gets the file
+    assert (stage / "modeling_lavit.py").read_bytes() == (ROOT / "modeling_lavit.py").read_bytes()
+    assert not (no_code / "modeling_lavit.py").exists()  # and the user's checkpoint is left as it was
     untrained = tmp_path / "untrained"
     shutil.copytree(out, untrained, ignore=shutil.ignore_patterns("checkpoint-*", "lavit_run.json"))
     with pytest.raises(SystemExit, match=r"has no lavit_run.json, so it is not a folder LavitSFTTrainer trained"):
         push(["--checkpoint", str(untrained), *base_args(trained, "--dry-run")[2:]])
+
+
+def test_a_naive_sft_student_is_described_and_exported_as_one(trained, tmp_path, capsys):
+    out, _ = trained
+    naive = tmp_path / "naive"
+    shutil.copytree(out, naive, ignore=shutil.ignore_patterns("checkpoint-*"))
+    settings = json.loads((naive / "lavit_run.json").read_text())
+    (naive / "lavit_run.json").write_text(json.dumps({**settings, "distill": False}))
+    text = push(["--checkpoint", str(naive), *base_args(trained, "--dry-run", "--stock-repo", "you/naive-stock")[2:]],
+                capsys)
+    assert "trained with Naive SFT, the LaViT paper's control" in text and "writes K = 4 latent" not in text
+    assert "its chat template appends no latent tokens" in text and "lambda_concept" not in text
