@@ -38,7 +38,8 @@ from typing import Any, Callable
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from modeling_lavit import model_device
+from modeling_lavit import LATENT_INTERVENTIONS, model_device
+from processing_lavit import user_turn
 
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ logger = logging.getLogger(__name__)
 LETTERS = string.ascii_uppercase
 DEFAULT_INSTRUCTION = "Answer with the option letter from the given choices directly."
 PROMPT_TEMPLATE = "{question}\n{options}\n{instruction}"
-LATENT_MODES = ("forced", "none", "masked", "zeroed", "shuffled")
+LATENT_MODES = ("forced", "none", *LATENT_INTERVENTIONS)  # forced latents, none, and the interventions
 BLINK_PAPER_TASKS = ("Relative_Depth", "IQ_Test", "Relative_Reflectance", "Spatial_Relation")
 BLINK_TASKS = (
     "Art_Style", "Counting", "Forensic_Detection", "Functional_Correspondence", "IQ_Test", "Jigsaw",
@@ -668,11 +669,10 @@ def generate_texts(model, processor, messages: list[list[dict]], images: list[li
     lavit = getattr(model.config, "model_type", None) == "lavit"
     kwargs = {"add_latent_tokens": mode != "none"} if lavit else {}
     prompts = [processor.apply_chat_template(m, add_generation_prompt=True, **kwargs) for m in messages]
-    processor.tokenizer.padding_side = "left"
-    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="left")
     inputs = {k: v.to(model_device(model)) for k, v in inputs.items()}
     extra = {}
-    if mode in ("masked", "zeroed") or (mode == "shuffled" and len(prompts) > 1):
+    if mode in LATENT_INTERVENTIONS and (mode != "shuffled" or len(prompts) > 1):
         extra["latent_intervention"] = mode
     if mode == "masked":
         extra["latent_positions"] = find_latent_tokens(inputs["input_ids"], model.config.latent_token_ids)[0]
@@ -751,11 +751,7 @@ def evaluate(
         if mode == "shuffled" and len(batch) == 1 and result.records:
             logger.warning("A shuffled batch of one sample: it keeps its own latent states.")
         if batch:
-            messages = [
-                [{"role": "user", "content": [*({"type": "image"} for _ in images),
-                                              {"type": "text", "text": build_prompt(s, template, instruction)}]}]
-                for s, images in batch
-            ]
+            messages = [[user_turn(build_prompt(s, template, instruction), len(images))] for s, images in batch]
             texts = generate_texts(model, processor, messages, [images for _, images in batch], mode, max_new_tokens)
             new = []
             for (sample, _), text in zip(batch, texts):

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from evaluation_lavit import LATENT_MODES, generate_texts
+from processing_lavit import user_turn
 
 
 logger = logging.getLogger(__name__)
@@ -89,10 +90,8 @@ class LavitLmms(LmmsBase):
         until = gen_kwargs.pop("until", None)
         until = [until] if isinstance(until, str) else list(until or [])
         max_new_tokens = int(gen_kwargs.pop("max_new_tokens", self.max_new_tokens))
-        messages = []
-        for context, images in zip(contexts, visuals):
-            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": context.replace("<image>", "").strip()}]
-            messages.append([{"role": "user", "content": content}])
+        messages = [[user_turn(context.replace("<image>", "").strip(), len(images))]
+                    for context, images in zip(contexts, visuals)]
         images = [[image.convert("RGB") for image in v] for v in visuals]
         texts = generate_texts(self.model, self.processor, messages, images if any(images) else None,
                                self.latent_mode, max_new_tokens)

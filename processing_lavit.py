@@ -248,16 +248,20 @@ class LavitProcessor(LavitBaseProcessor):
             raise ValueError("to_prompt_completion got an empty question.")
         if answer is None or not str(answer).strip():
             raise ValueError(f"to_prompt_completion got an empty answer for the question {question!r}.")
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
         completion_text = (self.latent_string if use_latent_tokens else "") + str(answer)
         return {
             "prompt": [
                 {"role": "system", "content": [{"type": "text", "text": system_prompt or self.system_prompt}]},
-                {"role": "user", "content": content},
+                user_turn(question, len(images)),
             ],
             "completion": [{"role": "assistant", "content": [{"type": "text", "text": completion_text}]}],
             "images": images,
         }
+
+
+def user_turn(text: str, num_images: int = 1) -> dict[str, Any]:
+    """A user's chat turn: `num_images` image placeholders, then the text (the order Qwen2.5-VL is trained on)."""
+    return {"role": "user", "content": [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]}
 
 
 def latent_token_ids_of(tokenizer, latent_tokens: list[str]) -> list[int]:
@@ -277,4 +281,4 @@ def latent_token_ids_of(tokenizer, latent_tokens: list[str]) -> list[int]:
 AutoProcessor.register(LavitConfig, LavitProcessor, exist_ok=True)
 
 
-__all__ = ["LavitBaseProcessor", "LavitProcessor", "LAVIT_SYSTEM_PROMPT"]
+__all__ = ["LavitBaseProcessor", "LavitProcessor", "LAVIT_SYSTEM_PROMPT", "user_turn"]

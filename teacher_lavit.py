@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +34,7 @@ from modeling_lavit import (
     model_device,
     padded_positions,
 )
-from processing_lavit import LavitBaseProcessor
+from processing_lavit import LavitBaseProcessor, user_turn
 
 
 logger = logging.getLogger(__name__)
@@ -114,11 +113,6 @@ def set_pixel_bounds(processor, min_pixels: int | None, max_pixels: int | None) 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _messages(question: str, with_image: bool) -> list[dict[str, Any]]:
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
-    return [{"role": "user", "content": content}]
-
-
 @torch.inference_mode()
 def generate_answers(
     model,
@@ -134,10 +128,10 @@ def generate_answers(
         token_ids: each answer's generated ids up to and including the end-of-turn token (when produced).
     """
     prompts = [
-        processor.apply_chat_template(_messages(q, images is not None), add_generation_prompt=True) for q in questions
+        processor.apply_chat_template([user_turn(q, int(images is not None))], add_generation_prompt=True)
+        for q in questions
     ]
-    processor.tokenizer.padding_side = "left"
-    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="left")
     inputs = {k: v.to(model_device(model)) for k, v in inputs.items()}
     generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True)
     new = generated[:, inputs["input_ids"].shape[1] :].tolist()
@@ -165,9 +159,8 @@ def teacher_forced_inputs(processor, images, questions, response_ids: list[list[
         inputs: `input_ids`, `attention_mask`, `mm_token_type_ids`, `pixel_values`, `image_grid_thw`.
         response_mask: `(B, L)` bool, True on the response tokens.
     """
-    prompts = [processor.apply_chat_template(_messages(q, True), add_generation_prompt=True) for q in questions]
-    processor.tokenizer.padding_side = "right"
-    prompt = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    prompts = [processor.apply_chat_template([user_turn(q)], add_generation_prompt=True) for q in questions]
+    prompt = processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="right")
     pad = processor.tokenizer.pad_token_id
     lengths = prompt["attention_mask"].sum(dim=1).tolist()
     total = max(int(n) + len(r) for n, r in zip(lengths, response_ids))

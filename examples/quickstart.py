@@ -36,6 +36,7 @@ import synthetic_grounding as task  # noqa: E402
 from cli_lavit import output_folder  # noqa: E402
 from configuration_lavit import parse_latent_layers, resolve_latent_layers  # noqa: E402
 from data_lavit import box_to_token_mask, merged_token_grids, write_json_atomic  # noqa: E402
+from evaluation_lavit import LATENT_MODES  # noqa: E402
 from modeling_lavit import LavitAttentionControl, image_attention_capture, trajectory_loss  # noqa: E402
 from trainer_lavit import LavitDataCollator, LavitSFTTrainer, unwrap_lavit  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
@@ -603,7 +604,6 @@ def train_student(args, root: Path, name: str, student_dir: str, dataset_dir: st
 
 
 # LaViT at inference: its latent tokens as trained, left out, masked from the answer, zeroed, or swapped between samples
-LATENT_MODES = ["forced", "none", "masked", "zeroed", "shuffled"]
 
 ABLATIONS = {
     "no_trajectory": {"trajectory_loss_coef": 0.0},
