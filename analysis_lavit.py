@@ -251,11 +251,11 @@ def perception_gap(teacher, teacher_processor, student, student_processor, image
     teacher_width = teacher.config.text_config.hidden_size
     student_width = student.config.text_config.hidden_size
     if teacher_width == student_width:
-        through = "direct"
+        comparison = "direct"
     elif student_head is not None and student.config.teacher_hidden_size == teacher_width:
-        through = "concept_head"
+        comparison = "concept_head"
     else:
-        through = None
+        comparison = None
     for start in range(0, len(images), batch_size):
         batch = slice(start, start + batch_size)
         t_ids = [teacher_processor.tokenizer(r).input_ids + [_end_id(teacher_processor)] for r in responses[batch]]
@@ -278,11 +278,11 @@ def perception_gap(teacher, teacher_processor, student, student_processor, image
             with torch.inference_mode():
                 t_hidden = teacher_run.hidden[b, t_rows].float()
                 s_hidden = student_run.hidden[b, s_rows]
-                if through == "concept_head":
+                if comparison == "concept_head":
                     s_hidden = student_head(s_hidden.to(next(student_head.parameters()).dtype))
                 s_hidden = s_hidden.float()
                 cosine = (1 - torch.nn.functional.cosine_similarity(t_hidden, s_hidden.to(t_hidden.device), dim=-1)
-                          ).cpu().numpy() if through else [None] * len(ids)
+                          ).cpu().numpy() if comparison else [None] * len(ids)
             for i, category in enumerate(categories):
                 kl = map_kl(t_maps[b, i, :n_t], s_maps[b, i, :n_s], teacher_run.grids[b], student_run.grids[b],
                             resize=True)
@@ -295,9 +295,9 @@ def perception_gap(teacher, teacher_processor, student, student_processor, image
             "tokens": len(rows),
             "kl": float(np.mean([r["kl"] for r in rows])) if rows else None,
             "cosine_distance": float(np.mean([r["cosine_distance"] for r in rows]))
-            if rows and through else None,
+            if rows and comparison else None,
         }
-    return {"per_token": records, "per_category": summary, "cosine_through": through}
+    return {"per_token": records, "per_category": summary, "cosine_through": comparison}
 
 
 def attention_statistics(maps: Sequence) -> dict[str, Any]:
@@ -373,8 +373,8 @@ def plot_perception_gaps(gaps: dict[str, dict], path) -> None:
         ax = axes[panel]
         for i, (name, gap) in enumerate(gaps.items()):
             values = [gap["per_category"][c][key] for c in categories]
-            through = gap.get("cosine_through")
-            label = name if key == "kl" else f"{name} ({through or 'not comparable'})"
+            comparison = gap.get("cosine_through")
+            label = name if key == "kl" else f"{name} ({comparison or 'not comparable'})"
             ax.bar(x + (i - (len(gaps) - 1) / 2) * width, [v if v is not None else 0.0 for v in values], width,
                    label=label)
         for j, category in enumerate(categories):

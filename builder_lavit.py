@@ -237,7 +237,7 @@ def _process_batch(model, processor, samples, config: BuilderConfig, judge) -> t
     signals = extract_teacher_signals(model, processor, images, questions, response_ids, config.query_rows, config.top_k)
     rows = []
     for b, (sample, image, data) in enumerate(loaded):
-        rows_, cols_ = signals.grid[b]
+        grid_rows, grid_cols = signals.grid[b]
         gaze = signals.gaze[b]
         if not np.isfinite(gaze).all():
             rejections.append({"id": sample.id, "reason": "nonfinite_gaze",
@@ -249,7 +249,7 @@ def _process_batch(model, processor, samples, config: BuilderConfig, judge) -> t
                                "detail": f"{sample.image}: the teacher's gaze is {float(gaze[0])} on all {gaze.size} "
                                          "image tokens"})
             continue
-        box_mask = box_to_token_mask(sample.bbox, image.size, (rows_, cols_))
+        box_mask = box_to_token_mask(sample.bbox, image.size, (grid_rows, grid_cols))
         focus = s_focus(signals.gaze[b], box_mask)
         correct = bool(judge(responses[b], sample.answer, sample.source))
         text_only_correct = bool(judge(text_only[b], sample.answer, sample.source))
@@ -266,7 +266,7 @@ def _process_batch(model, processor, samples, config: BuilderConfig, judge) -> t
                 "text_only_response": text_only[b],
                 "bbox": [float(v) for v in sample.bbox] if sample.bbox is not None else None,
                 "gaze": signals.gaze[b].tolist(),
-                "gaze_grid": [rows_, cols_],
+                "gaze_grid": [grid_rows, grid_cols],
                 "v_sem_mean": signals.v_sem_mean[b].astype(np.float16).tolist(),
                 "v_sem_gaze": signals.v_sem_gaze[b].astype(np.float16).tolist(),
                 "s_focus": focus,

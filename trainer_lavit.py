@@ -583,7 +583,7 @@ class LavitSFTTrainer(SFTTrainer):
                 kwargs["eval_dataset"] = undecoded_images(eval_dataset)
         if train_dataset is not None:
             self._check_columns(train_dataset, args, "train")
-        for name, eval_set in _named(kwargs.get("eval_dataset")):
+        for name, eval_set in _eval_sets_by_name(kwargs.get("eval_dataset")):
             self._check_columns(eval_set, args, name)
         if args.freeze_vision_tower:
             lavit.model.visual.requires_grad_(False)
@@ -769,7 +769,8 @@ class LavitSFTTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def _named(eval_dataset):
+def _eval_sets_by_name(eval_dataset) -> list[tuple[str, Any]]:
+    """`(name, dataset)` for each evaluation set (one unnamed set is \"eval\")."""
     if eval_dataset is None:
         return []
     if isinstance(eval_dataset, dict):

@@ -52,3 +52,38 @@ def test_no_machine_paths_in_tracked_files():
     offenders = [f for f in files if not f.startswith("tests/") and (ROOT / f).is_file()
                  and f.endswith((".py", ".cfg", ".toml", ".yaml", ".md")) and pattern.search((ROOT / f).read_text())]
     assert offenders == []
+
+
+# What each module may import of the project (README "Architecture", in pipeline order): nothing runs sideways
+# (a stage reaching into another for a helper both need: that helper lives below both) or backwards.
+MAY_IMPORT = {
+    "cli_lavit": set(),
+    "testing_lavit": set(),
+    "configuration_lavit": set(),
+    "processing_lavit": {"configuration_lavit"},
+    "modeling_lavit": {"configuration_lavit"},
+    "conversion_lavit": {"cli_lavit", "configuration_lavit", "modeling_lavit", "processing_lavit"},
+    "data_lavit": set(),
+    "teacher_lavit": {"data_lavit", "modeling_lavit", "processing_lavit"},
+    "builder_lavit": {"data_lavit", "modeling_lavit", "teacher_lavit"},
+    "trainer_lavit": {"configuration_lavit", "data_lavit", "modeling_lavit", "processing_lavit"},
+    "evaluation_lavit": {"cli_lavit", "modeling_lavit", "processing_lavit"},
+    "lmms_eval_lavit": {"evaluation_lavit", "processing_lavit"},
+    "analysis_lavit": {"data_lavit", "teacher_lavit"},
+    "publishing_lavit": {"configuration_lavit", "data_lavit", "evaluation_lavit", "modeling_lavit",
+                         "processing_lavit"},
+}
+
+
+def test_every_module_imports_only_what_its_stage_may():
+    modules = {p.stem for p in ROOT.glob("*_lavit.py")}
+    assert modules == set(MAY_IMPORT), "a new module needs its line in MAY_IMPORT and in the README's Architecture"
+    for name in sorted(modules):
+        project = {i.lstrip(".") for i in imports_of(ROOT / f"{name}.py")} & modules
+        assert project <= MAY_IMPORT[name], f"{name} imports {sorted(project - MAY_IMPORT[name])}"
+
+
+def test_no_example_is_imported_by_the_library():
+    examples = {p.stem for p in (ROOT / "examples").glob("*.py")}
+    for path in library_files():
+        assert not imports_of(path) & examples, path.name
