@@ -173,6 +173,13 @@ def _layout_error(benchmark: str, path: Path, layout: str, fix: str) -> ValueErr
     return ValueError(f"{path} is not {benchmark}'s layout: expected {layout}; {_found(path)}. {fix}")
 
 
+def _parquet_files(path: Path) -> list[Path]:
+    """The parquet files `path` names: the folder's `*.parquet`, the file itself, or none."""
+    if path.is_dir():
+        return sorted(path.glob("*.parquet"))
+    return [path] if path.is_file() and path.suffix == ".parquet" else []
+
+
 def _read_parquet(path: Path, benchmark: str, columns: tuple[str, ...], layout: str) -> list[dict[str, Any]]:
     """The rows of one parquet file of `benchmark`; a ValueError naming the file when it cannot be read or lacks one of
     `columns`."""
@@ -250,12 +257,7 @@ def load_mmvp(root: str | os.PathLike) -> list[EvalSample]:
         rows = _mmvp_csv_rows(csv_path)
         images = {str(r["Index"]): _file_image(image_dir / f"{r['Index']}.jpg") for _, r in rows}
     else:
-        if root.is_dir():
-            parquets = sorted(root.glob("*.parquet"))
-        elif root.is_file() and root.suffix == ".parquet":
-            parquets = [root]
-        else:
-            parquets = []
+        parquets = _parquet_files(root)
         if not parquets:
             raise _layout_error("MMVP", root, MMVP_LAYOUT, fix)
         rows = [(f"{p} row {i}", r) for p in parquets
@@ -404,12 +406,7 @@ def load_mmstar(path: str | os.PathLike) -> list[EvalSample]:
             or with an answer outside them, or a repeated index (each naming the file and row).
     """
     path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.parquet"))
-    elif path.is_file() and path.suffix == ".parquet":
-        files = [path]
-    else:
-        files = []
+    files = _parquet_files(path)
     if not files:
         raise _layout_error("MMStar", path, MMSTAR_LAYOUT, "Point --mmstar-path at MMStar's mmstar.parquet.")
     samples = []
