@@ -12,14 +12,11 @@ Goals: LaViT compiled / LaViT eager < 1 (compiling helps) and LaViT compiled / s
 
 from __future__ import annotations
 
-import os
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import benchmark_parser, interleaved_times, report  # noqa: E402
 
 from bench_forward import prepare_checkpoints  # noqa: E402

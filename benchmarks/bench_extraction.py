@@ -25,14 +25,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import benchmark_parser, interleaved_times, report, steady_peak  # noqa: E402
 
 from data_lavit import write_parquet_atomic  # noqa: E402

@@ -14,14 +14,12 @@ Goal: LaViT / stock <= 1.10 in time and in peak memory.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import benchmark_parser, interleaved_times, report, steady_peak  # noqa: E402
 
 from conversion_lavit import convert_qwen2_5_vl_to_lavit, export_to_qwen2_5_vl  # noqa: E402

@@ -10,15 +10,12 @@ Moderate config (text hidden 512, 8 layers); a batch of 4 prompts with 700 image
 
 from __future__ import annotations
 
-import os
-import sys
 import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import benchmark_parser, interleaved_times, report  # noqa: E402
 
 from bench_forward import prepare_checkpoints  # noqa: E402

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved_times, report  # noqa: E402
 
 from data_lavit import commit_shard, load_lavit_dataset, verify_lavit_folder, write_manifest  # noqa: E402

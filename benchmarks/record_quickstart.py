@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import quickstart  # noqa: E402
+import quickstart_lavit as quickstart  # noqa: E402
 from common import report  # noqa: E402
 
 SECTION = "quickstart: the default run (make demo)"

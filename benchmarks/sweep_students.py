@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The validation sweep the quickstart's student settings were chosen from: students trained exactly as
-`examples/quickstart.py` trains them (its `train_student`), on the kept samples and from the student base of a
+`quickstart_lavit.py` trains them (its `train_student`), on the kept samples and from the student base of a
 finished run, one setting changed at a time, their accuracy on the validation split along training. Test is never
 read. Each run appends a line to `<output-dir>/sweep.jsonl` (a rerun skips the runs already there); the table of
 every run goes to RESULTS.md with --write-results.
@@ -21,15 +21,12 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import quickstart  # noqa: E402
+import quickstart_lavit as quickstart  # noqa: E402
 from common import report  # noqa: E402
 
 SECTION = "quickstart: the students' validation sweep"

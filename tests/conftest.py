@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +19,10 @@ from testing_lavit import save_tiny_qwen2_5_vl
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tests call the example scripts' parse_args and main in-process, and the benchmarks' helpers: the one place
+# these folders join the import path.
+for _folder in ("examples", "benchmarks"):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), _folder))
 torch.set_num_threads(2)
 
 TEACHER_WIDTH = 48

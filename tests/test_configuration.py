@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -121,7 +119,6 @@ def test_command_line_layer_settings_refused_before_any_loading(text, message, t
     with pytest.raises(ValueError, match=message):
         parse_latent_layers(text)
     # the conversion script refuses it while parsing its arguments, before it loads any weights
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import convert_qwen2_5_vl
 
     with pytest.raises(SystemExit):

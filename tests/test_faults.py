@@ -324,16 +324,10 @@ def test_another_runs_folder_is_refused_unless_resumed_or_overwritten(lavit_dir,
         trainer_for(lavit_dir, processor, tmp_path / "empty", lavit15k_with(4)).train(resume_from_checkpoint=True)
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
 def example(script: str):
     import importlib
-    import sys
 
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(script)
+    return importlib.import_module(script)  # examples/ is on the path (conftest.py)
 
 
 def test_the_train_script_names_a_stock_checkpoint_and_a_missing_one(tiny_base_dir, tmp_path, finished):

@@ -49,9 +49,7 @@ def trained(lavit_dir, tmp_path_factory):
 
 
 def push(argv, capsys=None):
-    if str(ROOT / "examples") not in sys.path:
-        sys.path.insert(0, str(ROOT / "examples"))
-    import push_lavit
+    import push_lavit  # examples/ is on the path (conftest.py)
 
     push_lavit.main(argv)
     return capsys.readouterr().out if capsys is not None else None

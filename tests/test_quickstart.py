@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import synthetic_grounding as task  # noqa: E402
+import synthetic_lavit as task
+from data_lavit import read_visual_cot
+from evaluation_lavit import load_mmvp
 
-from data_lavit import read_visual_cot  # noqa: E402
-from evaluation_lavit import load_mmvp  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("kind", task.QUESTION_TYPES)
@@ -188,7 +187,6 @@ def test_quickstart_smoke_writes_everything_and_resumes(tmp_path):
         a, b = (load_file(out / "students" / f"{method}-seed{s}" / "model.safetensors") for s in (0, 1))
         assert any(not torch.equal(a[k], b[k]) for k in a), method
     # benchmarks/record_quickstart.py lays the same numbers out for RESULTS.md (and refuses a smoke run)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import record_quickstart
 
     with pytest.raises(SystemExit, match="smoke"):
@@ -227,8 +225,7 @@ def test_quickstart_smoke_writes_everything_and_resumes(tmp_path):
      (["--gate-warmup-fraction", "1.5"], "must lie in \\[0, 1\\]")],
 )
 def test_quickstart_refuses_bad_settings_before_running(tmp_path, flags, message, capsys):
-    sys.path.insert(0, str(ROOT / "examples"))
-    import quickstart
+    import quickstart_lavit as quickstart
 
     with pytest.raises(SystemExit) as stop:
         quickstart.parse_args(["--output-dir", str(tmp_path / "q"), *flags])
@@ -270,7 +267,7 @@ def grounding_setup(tmp_path_factory):
 
 
 def test_grounding_collator_points_at_the_colour_word_and_the_key_cell(grounding_setup):
-    from quickstart import GroundingCollator
+    from quickstart_lavit import GroundingCollator
 
     _, processor, rows, samples, _ = grounding_setup
     batch = GroundingCollator(processor)(rows)
@@ -285,7 +282,7 @@ def test_grounding_collator_points_at_the_colour_word_and_the_key_cell(grounding
 
 
 def test_grounding_loss_reads_the_attention_eager_attention_computes(grounding_setup, tmp_path):
-    from quickstart import GroundedSFTTrainer, GroundingCollator
+    from quickstart_lavit import GroundedSFTTrainer, GroundingCollator
     from trainer_lavit import LavitSFTConfig
 
     model, processor, rows, _, stock_copy = grounding_setup
@@ -325,7 +322,7 @@ def test_grounding_loss_reads_the_attention_eager_attention_computes(grounding_s
 
 
 def test_grounding_loss_refuses_questions_it_cannot_ground(grounding_setup):
-    from quickstart import GroundingCollator
+    from quickstart_lavit import GroundingCollator
 
     _, processor, rows, _, _ = grounding_setup
     collator = GroundingCollator(processor)
@@ -337,7 +334,6 @@ def test_grounding_loss_refuses_questions_it_cannot_ground(grounding_setup):
 
 
 def test_the_sweep_reads_its_runs_and_refuses_bad_ones(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import sweep_students
 
     run = tmp_path / "run"

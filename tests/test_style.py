@@ -72,6 +72,11 @@ MAY_IMPORT = {
     "analysis_lavit": {"data_lavit", "teacher_lavit"},
     "publishing_lavit": {"configuration_lavit", "data_lavit", "evaluation_lavit", "modeling_lavit",
                          "processing_lavit"},
+    "synthetic_lavit": {"data_lavit", "evaluation_lavit"},
+    # the end of the pipeline: it runs every stage
+    "quickstart_lavit": {"analysis_lavit", "builder_lavit", "cli_lavit", "configuration_lavit", "conversion_lavit",
+                         "data_lavit", "evaluation_lavit", "modeling_lavit", "processing_lavit", "synthetic_lavit",
+                         "teacher_lavit", "testing_lavit", "trainer_lavit"},
 }
 
 
