@@ -13,6 +13,14 @@ GATE_SCOPES = ("after_image", "response")
 LATENT_LAYER_NAMES = ("all", "last_half", "last")
 
 
+LATENT_TOKEN_TEMPLATE = "<v-trace{index}>"  # the paper's spelling
+
+
+def latent_token_strings(num_latent_tokens: int, template: str = LATENT_TOKEN_TEMPLATE) -> list[str]:
+    """The K latent token strings, `template` formatted with index 1..K (paper: `<v-trace1>` ... `<v-trace4>`)."""
+    return [template.format(index=i) for i in range(1, num_latent_tokens + 1)]
+
+
 class LavitConfig(Qwen2_5_VLConfig):
     r"""
     Configuration of [`LavitForConditionalGeneration`]: every field of [`Qwen2_5_VLConfig`] plus the LaViT fields
@@ -53,7 +61,7 @@ class LavitConfig(Qwen2_5_VLConfig):
     model_type = "lavit"
 
     num_latent_tokens: int = 4
-    latent_token_template: str = "<v-trace{index}>"
+    latent_token_template: str = LATENT_TOKEN_TEMPLATE
     latent_token_ids: list[int] | None = None
     teacher_hidden_size: int = 5120
     concept_head_hidden_size: int | None = None
@@ -69,7 +77,7 @@ class LavitConfig(Qwen2_5_VLConfig):
     @property
     def latent_tokens(self) -> list[str]:
         """The K latent token strings, e.g. `['<v-trace1>', ..., '<v-trace4>']`."""
-        return [self.latent_token_template.format(index=i) for i in range(1, self.num_latent_tokens + 1)]
+        return latent_token_strings(self.num_latent_tokens, self.latent_token_template)
 
     def latent_layer_indices(self) -> list[int]:
         """The text-layer indices that `latent_image_attention` is averaged over."""
@@ -206,4 +214,4 @@ def resolve_latent_layers(layers, num_layers: int) -> list[int]:
 AutoConfig.register(LavitConfig.model_type, LavitConfig, exist_ok=True)
 
 
-__all__ = ["LavitConfig", "parse_latent_layers", "resolve_latent_layers"]
+__all__ = ["LavitConfig", "latent_token_strings", "LATENT_TOKEN_TEMPLATE", "parse_latent_layers", "resolve_latent_layers"]

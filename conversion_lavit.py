@@ -28,9 +28,9 @@ from transformers import (
 )
 
 from cli_lavit import check_output_dir, checkpoint_model_type
-from configuration_lavit import LavitConfig
+from configuration_lavit import LavitConfig, latent_token_strings
 from modeling_lavit import LavitForConditionalGeneration
-from processing_lavit import LavitProcessor, latent_token_strings, remove_latent_tokens_from_chat_template
+from processing_lavit import LavitProcessor, remove_latent_tokens_from_chat_template
 
 
 logger = logging.getLogger(__name__)

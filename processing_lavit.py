@@ -14,9 +14,9 @@ from transformers.utils import logging
 
 
 try:  # loaded as remote code from a checkpoint, where the files form a package
-    from .configuration_lavit import LavitConfig
+    from .configuration_lavit import LATENT_TOKEN_TEMPLATE, LavitConfig, latent_token_strings
 except ImportError:  # imported from the repository root
-    from configuration_lavit import LavitConfig
+    from configuration_lavit import LATENT_TOKEN_TEMPLATE, LavitConfig, latent_token_strings
 
 
 logger = logging.get_logger(__name__)
@@ -30,11 +30,6 @@ QWEN_DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 # The template variable that switches the latent block of the generation prompt on and off.
 LATENT_SWITCH = "add_latent_tokens"
 _LATENT_HOOK_MARK = "{# lavit-latent-tokens #}"
-
-
-def latent_token_strings(num_latent_tokens: int, template: str = "<v-trace{index}>") -> list[str]:
-    """The K latent token strings, `template` formatted with index 1..K (paper: `<v-trace1>` ... `<v-trace4>`)."""
-    return [template.format(index=i) for i in range(1, num_latent_tokens + 1)]
 
 
 def add_latent_tokens_to_chat_template(chat_template: str, latent_string: str) -> str:
@@ -171,7 +166,7 @@ class LavitProcessor(LavitBaseProcessor):
         tokenizer=None,
         chat_template: str | None = None,
         num_latent_tokens: int = 4,
-        latent_token_template: str = "<v-trace{index}>",
+        latent_token_template: str = LATENT_TOKEN_TEMPLATE,
         add_latent_tokens: bool = True,
         system_prompt: str = LAVIT_SYSTEM_PROMPT,
         **kwargs,
