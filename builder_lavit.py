@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cli_lavit import changed_settings
 from data_lavit import (
     COLUMNS,
     MANIFEST,
@@ -340,7 +341,7 @@ def check_output_dir(output_dir: str, config: BuilderConfig, write: bool = True)
             if write:
                 write_json_atomic(existing, path)
         if existing != fingerprint:
-            diff = sorted(k for k in set(existing) | set(fingerprint) if existing.get(k) != fingerprint.get(k))
+            diff = changed_settings(existing, fingerprint)
             if diff == ["viscot_json_sha256"] and "viscot_json_sha256" in existing:
                 raise ValueError(
                     f"{config.viscot_json} changed since {output_dir} was started (its content differs, same path): "

@@ -58,6 +58,12 @@ def checkpoint_model_type(path: str) -> str | None:
     return PretrainedConfig.get_config_dict(path)[0].get("model_type")
 
 
+def changed_settings(before: dict, now: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The keys whose values differ between a run's recorded settings and the ones asked for now (a key present on
+    one side only counts), sorted: what a resumed run, build or evaluation refuses to mix."""
+    return sorted(k for k in set(before) | set(now) if k not in ignore and before.get(k) != now.get(k))
+
+
 def check_output_dir(output_dir: str, source: str, what: str = "--output-dir") -> None:
     """Refuses an output folder that is the input checkpoint's own folder (or lies inside it), or an existing file."""
     out = Path(output_dir).expanduser().resolve()
@@ -72,4 +78,4 @@ def check_output_dir(output_dir: str, source: str, what: str = "--output-dir") -
             )
 
 
-__all__ = ["positive_int", "nonnegative_int", "output_folder", "looks_local", "checkpoint_model_type", "check_output_dir"]
+__all__ = ["changed_settings", "positive_int", "nonnegative_int", "output_folder", "looks_local", "checkpoint_model_type", "check_output_dir"]

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from cli_lavit import changed_settings
 from modeling_lavit import LATENT_INTERVENTIONS, model_device
 from processing_lavit import user_turn
 
@@ -623,7 +624,7 @@ def read_predictions(path: str | os.PathLike, config: RunConfig) -> dict[str, di
     header = lines[0][1]["_header"]
     expected = asdict(config)
     if header != expected:
-        diff = sorted(k for k in set(header) | set(expected) if header.get(k) != expected.get(k))
+        diff = changed_settings(header, expected)
         if "weights" in diff and not header.get("weights"):
             raise ValueError(
                 f"{path} was written without a weights fingerprint (by an older version of this harness), so which "

@@ -32,7 +32,7 @@ import torch
 from transformers import TrainerCallback
 
 import synthetic_lavit as task
-from cli_lavit import output_folder
+from cli_lavit import changed_settings, output_folder
 from configuration_lavit import parse_latent_layers, resolve_latent_layers
 from data_lavit import box_to_token_mask, merged_token_grids, write_json_atomic
 from evaluation_lavit import LATENT_MODES
@@ -356,7 +356,7 @@ def check_settings(root: Path, args) -> None:
     path = root / "settings.json"
     if path.exists():
         before = json.loads(path.read_text())
-        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        changed = changed_settings(before, settings)
         if changed:
             differences = ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
             raise SystemExit(

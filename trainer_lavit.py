@@ -35,6 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
+from cli_lavit import changed_settings
 from configuration_lavit import parse_latent_layers, resolve_latent_layers
 from data_lavit import gaze_topk_weights, merged_token_grids, resize_gaze, write_json_atomic
 from modeling_lavit import LavitForConditionalGeneration, concept_loss, trajectory_loss
@@ -657,8 +658,7 @@ class LavitSFTTrainer(SFTTrainer):
             if record is None:
                 return None
             before, now = json.loads(record.read_text(encoding="utf-8")), run_settings(self.args)
-            changed = sorted(k for k in set(before) | set(now)
-                             if k not in RESUME_MAY_CHANGE and before.get(k) != now.get(k))
+            changed = changed_settings(before, now, ignore=RESUME_MAY_CHANGE)
             if changed:
                 return (f"Resuming {resume} with other settings than its run had (they differ in {changed}): the "
                         "result would be neither run. Resume with the same settings, or start a new output_dir.")
