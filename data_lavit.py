@@ -330,34 +330,25 @@ COLUMNS = {
 }
 
 
-def features():
-    """The `datasets.Features` of LaViT-15K."""
-    from datasets import Features, Image, List, Value
+def _feature(kind: str):
+    """The `datasets` feature of a column type as COLUMNS writes it (`string`, `bool`, `float32`, `image`,
+    `list<float16>`, `list<int32>[2]`, each optionally `or null`)."""
+    from datasets import Image, List, Value
 
-    return Features(
-        {
-            "id": Value("string"),
-            "source": Value("string"),
-            "image": Image(),
-            "image_size": List(Value("int32"), length=2),
-            "question": Value("string"),
-            "answer": Value("string"),
-            "teacher_response": Value("string"),
-            "text_only_response": Value("string"),
-            "bbox": List(Value("float32"), length=4),
-            "gaze": List(Value("float32")),
-            "gaze_grid": List(Value("int32"), length=2),
-            "v_sem_mean": List(Value("float16")),
-            "v_sem_gaze": List(Value("float16")),
-            "s_focus": Value("float32"),
-            "correct": Value("bool"),
-            "text_only_correct": Value("bool"),
-            "aligned": Value("bool"),
-            "kept": Value("bool"),
-            "reject_reason": Value("string"),
-            "teacher_model": Value("string"),
-        }
-    )
+    kind = kind.removesuffix(" or null")
+    if kind == "image":
+        return Image()
+    match = re.fullmatch(r"list<(\w+)>(?:\[(\d+)\])?", kind)
+    if match:
+        return List(Value(match.group(1)), length=int(match.group(2)) if match.group(2) else -1)
+    return Value(kind)
+
+
+def features():
+    """The `datasets.Features` of LaViT-15K, read from COLUMNS (each description starts with its type)."""
+    from datasets import Features
+
+    return Features({name: _feature(text.split(":", 1)[0]) for name, text in COLUMNS.items()})
 
 
 def write_parquet_atomic(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
