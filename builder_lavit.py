@@ -46,7 +46,7 @@ from teacher_lavit import (
     check_teacher,
     extract_teacher_signals,
     generate_answers,
-    load_teacher,
+    load_qwen2_5_vl,
     s_focus,
     set_pixel_bounds,
 )
@@ -415,7 +415,7 @@ def build_lavit_dataset(
         return summary
     (Path(output_dir) / MANIFEST).unlink(missing_ok=True)  # the folder is unfinished again until finalize
     if model is None:
-        model, processor = load_teacher(config.teacher, config.dtype, device, device_map, config.min_pixels,
+        model, processor = load_qwen2_5_vl(config.teacher, config.dtype, device, device_map, config.min_pixels,
                                         config.max_pixels)
     else:
         check_teacher(model)

@@ -667,13 +667,13 @@ def score_modes(model, processor, test, folder: Path, name: str, modes: list[str
 def load_student_base(models: dict, student: dict):
     """The students' starting point, `(model, processor)`: the pre-trained base when there is one (its processor adds
     no latent tokens, which it never saw), else the untrained stock base."""
-    from teacher_lavit import load_teacher
+    from teacher_lavit import load_qwen2_5_vl
 
     if student.get("pretrain"):
         model, processor = load_run(student["student_lavit"])
         processor.add_latent_tokens = False
         return model, processor
-    return load_teacher(models["student_base"])  # the stock loader: a model and its image-only processor
+    return load_qwen2_5_vl(models["student_base"])  # a model and its image-only processor
 
 
 def stage_evaluate(args, root: Path, paths: dict, models: dict, teacher: dict, student: dict, students: dict) -> dict:
@@ -681,7 +681,7 @@ def stage_evaluate(args, root: Path, paths: dict, models: dict, teacher: dict, s
     pre-trained or not) in mode none, the students in their modes (LaViT also with its latents masked, zeroed and
     shuffled)."""
     from evaluation_lavit import load_mmvp
-    from teacher_lavit import load_teacher
+    from teacher_lavit import load_qwen2_5_vl
 
     test = load_mmvp(paths["test_mmvp"])
     folder = root / "evaluation"
@@ -692,7 +692,7 @@ def stage_evaluate(args, root: Path, paths: dict, models: dict, teacher: dict, s
     results = {}
     for name, modes in jobs:
         if name == "teacher":
-            loaded = load_teacher(teacher["teacher"])
+            loaded = load_qwen2_5_vl(teacher["teacher"])
         elif name == "student base":
             loaded = load_student_base(models, student)
         else:
@@ -716,7 +716,7 @@ def stage_analysis(args, root: Path, paths: dict, models: dict, teacher: dict, s
                                 plot_perception_gaps)
     from data_lavit import read_visual_cot
     from builder_lavit import answer_matches
-    from teacher_lavit import load_teacher
+    from teacher_lavit import load_qwen2_5_vl
 
     folder = root / "analysis"
     folder.mkdir(exist_ok=True)
@@ -729,7 +729,7 @@ def stage_analysis(args, root: Path, paths: dict, models: dict, teacher: dict, s
     boxes = [s.bbox for s in samples]
 
     rows = args.query_rows  # the text rows the builder read the teacher's gaze from
-    loaded = {"teacher": (*load_teacher(teacher["teacher"]), rows),
+    loaded = {"teacher": (*load_qwen2_5_vl(teacher["teacher"]), rows),
               "student base": (*load_student_base(models, student), rows)}
     for run, info in students["runs"].items():
         model, processor = load_run(info["path"])

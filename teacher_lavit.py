@@ -59,7 +59,7 @@ def check_teacher(model) -> None:
         )
 
 
-def load_teacher(
+def load_qwen2_5_vl(
     name_or_path: str,
     dtype: str | torch.dtype = "auto",
     device: str | None = None,
@@ -67,7 +67,8 @@ def load_teacher(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
 ):
-    """Loads a Qwen2.5-VL teacher and its image-only processor, with LaViT's attention side channel switched on.
+    """Loads a stock Qwen2.5-VL model (a teacher, or a student's base) and its image-only processor, with LaViT's
+    attention side channel switched on.
 
     Args:
         name_or_path: hub id or path (e.g. `Qwen/Qwen2.5-VL-32B-Instruct`).
@@ -271,7 +272,7 @@ def extract_teacher_signals(
     """The gaze (equation 2) and both poolings of V_sem (mean; equation 3) from one teacher-forced forward pass.
 
     Args:
-        model: a stock Qwen2.5-VL teacher (`load_teacher` switches its text attention to `lavit_sdpa`).
+        model: a stock Qwen2.5-VL teacher (`load_qwen2_5_vl` switches its text attention to `lavit_sdpa`).
         processor: its image-only processor (`LavitBaseProcessor`).
         images, questions: one image per sample.
         response_ids: the teacher's answer token ids per sample (`generate_answers`).
@@ -323,7 +324,7 @@ def s_focus(gaze: np.ndarray | torch.Tensor, box_mask: np.ndarray | torch.Tensor
     return float(gaze[box_mask].sum() / total)
 
 __all__ = [
-    "load_teacher",
+    "load_qwen2_5_vl",
     "check_teacher",
     "set_pixel_bounds",
     "generate_answers",

@@ -195,9 +195,9 @@ def test_dry_run_push_lists_the_upload(reference, tiny_base_dir, viscot, tmp_pat
 
 @pytest.fixture(scope="module")
 def teacher_pair(tiny_base_dir):
-    from teacher_lavit import load_teacher
+    from teacher_lavit import load_qwen2_5_vl
 
-    return load_teacher(tiny_base_dir)
+    return load_qwen2_5_vl(tiny_base_dir)
 
 
 def test_card_template_and_built_card_headers():

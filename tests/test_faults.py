@@ -18,9 +18,9 @@ from viscot_fixture import record, write_viscot
 
 @pytest.fixture(scope="module")
 def teacher_pair(tiny_base_dir):
-    from teacher_lavit import load_teacher
+    from teacher_lavit import load_qwen2_5_vl
 
-    return load_teacher(tiny_base_dir)
+    return load_qwen2_5_vl(tiny_base_dir)
 
 
 def small_config(path, root, **overrides) -> BuilderConfig:
@@ -148,9 +148,9 @@ def test_a_flat_gaze_is_a_counted_skip_in_the_builder(tiny_base_dir, tmp_path):
     token, which says nothing about where to look. Every sample is skipped with the reason, none is kept."""
     import torch
 
-    from teacher_lavit import load_teacher
+    from teacher_lavit import load_qwen2_5_vl
 
-    model, processor = load_teacher(tiny_base_dir)
+    model, processor = load_qwen2_5_vl(tiny_base_dir)
     with torch.no_grad():
         for layer in model.model.language_model.layers:
             layer.self_attn.q_proj.weight.zero_()

@@ -14,14 +14,14 @@ from teacher_lavit import (
     check_teacher,
     extract_teacher_signals,
     generate_answers,
-    load_teacher,
+    load_qwen2_5_vl,
     teacher_forced_inputs,
 )
 
 
 @pytest.fixture(scope="module")
 def teacher(tiny_base_dir):
-    return load_teacher(tiny_base_dir, min_pixels=4 * 784, max_pixels=256 * 784)
+    return load_qwen2_5_vl(tiny_base_dir, min_pixels=4 * 784, max_pixels=256 * 784)
 
 
 IMAGES = [noise_image(84, 56, 5), noise_image(112, 140, 6)]  # 2 x 3 and 5 x 4 merged grids
@@ -105,7 +105,7 @@ def test_generation_with_and_without_image(teacher):
 
 def test_a_teacher_must_be_qwen2_5_vl(lavit_dir):
     with pytest.raises(ValueError, match="is a 'lavit' model; the teacher must be a stock Qwen2.5-VL"):
-        load_teacher(lavit_dir)
+        load_qwen2_5_vl(lavit_dir)
     with pytest.raises(ValueError, match="must be a Qwen2.5-VL model"):
         check_teacher(torch.nn.Linear(2, 2))
 
