@@ -32,6 +32,7 @@ from data_lavit import (
     clip_box,
     commit_shard,
     file_sha256,
+    open_image,
     read_shard_record,
     read_visual_cot,
     verify_lavit_folder,
@@ -202,9 +203,7 @@ class BuildSummary:
 def _load_image(root: str, relative: str) -> tuple[Image.Image, bytes]:
     path = Path(root) / relative
     data = path.read_bytes()  # FileNotFoundError for a missing image
-    image = Image.open(path)
-    image.load()  # decode now: corrupt files fail here, not later in the processor
-    return image.convert("RGB"), data
+    return open_image(data).convert("RGB"), data
 
 
 def _process_batch(model, processor, samples, config: BuilderConfig, judge) -> tuple[list[dict], list[dict]]:
@@ -313,13 +312,18 @@ def _adopt_legacy_shard(output_dir: str, name: str, record: dict) -> None:
     commit_shard(output_dir, name, {k: record[k] for k in ("rows", "kept", "rejections") if k in record})
 
 
-def shard_status(output_dir: str, name: str) -> str | None:
-    """None when shard `name` is finished and intact; otherwise why it must be (re)built."""
+def _record_adopting_legacy(output_dir: str, name: str) -> dict | None:
+    """Shard `name`'s record, with the hashes of a shard an older builder finished recorded first (when it reads)."""
     record = read_shard_record(output_dir, name)
     if record is not None and not isinstance(record.get("files"), dict):
         _adopt_legacy_shard(output_dir, name, record)
         record = read_shard_record(output_dir, name)
-    return check_shard(output_dir, name, record)
+    return record
+
+
+def shard_status(output_dir: str, name: str) -> str | None:
+    """None when shard `name` is finished and intact; otherwise why it must be (re)built."""
+    return check_shard(output_dir, name, _record_adopting_legacy(output_dir, name))
 
 
 def shard_name(index: int) -> str:
@@ -362,12 +366,6 @@ def check_output_dir(output_dir: str, config: BuilderConfig, write: bool = True)
 def _planned_shards(config: BuilderConfig) -> list[str]:
     samples, _ = read_visual_cot(config.viscot_json, config.sources, config.max_samples, config.seed)
     return [shard_name(i) for i in range(-(-len(samples) // config.shard_size))]
-
-
-def plan_shards(config: BuilderConfig, output_dir: str) -> tuple[int, int]:
-    """`(shards in the plan, shards finished and intact in output_dir)`."""
-    names = _planned_shards(config)
-    return len(names), sum(shard_status(output_dir, name) is None for name in names)
 
 
 def build_lavit_dataset(
@@ -460,8 +458,10 @@ def finalize_dataset(output_dir: str, config: BuilderConfig, command: str) -> di
               "image_root": os.path.basename(os.path.normpath(inputs["image_root"]))}
     names = _planned_shards(config)
     for name in names:
-        shard_status(output_dir, name)  # records the hashes of a shard an older builder finished
-    manifest = write_manifest(output_dir, names, inputs)  # refuses a missing or damaged shard, naming it
+        _record_adopting_legacy(output_dir, name)
+    # one hashing pass over the shards: write_manifest checks each against its record and refuses a missing or
+    # damaged one, naming it
+    manifest = write_manifest(output_dir, names, inputs)
     files = sorted(f for record in manifest["shards"].values() for f in record["files"])  # the build's, no strays
     columns = ["source", "question", "answer", "image_size", "gaze_grid", "v_sem_mean", "kept", "reject_reason"]
     all_rows = []
@@ -716,7 +716,6 @@ __all__ = [
     "filter_stages",
     "BuilderConfig",
     "build_lavit_dataset",
-    "plan_shards",
     "finalize_dataset",
     "dataset_statistics",
     "render_dataset_card",

@@ -27,7 +27,7 @@ import shlex
 import sys
 
 from cli_lavit import checkpoint_model_type, output_folder, positive_int
-from builder_lavit import BuilderConfig, build_lavit_dataset, finalize_dataset, plan_shards, push_dataset_to_hub
+from builder_lavit import BuilderConfig, build_lavit_dataset, finalize_dataset, push_dataset_to_hub
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -102,11 +102,11 @@ def main(argv=None) -> None:
     state.wait_for_everyone()
     if not state.is_main_process:
         return
-    total, done = plan_shards(config, args.output_dir)
-    if done < total:
-        raise SystemExit(f"{done} of {total} shards are built; run the same command again to finish.")
     command = "python examples/build_lavit_dataset.py " + shlex.join(argv)
-    overall = finalize_dataset(args.output_dir, config, command)
+    try:  # refuses, naming the shard, when one is unfinished or damaged
+        overall = finalize_dataset(args.output_dir, config, command)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
     log.info("LaViT-15K in %s: %d processed = %d kept + %d rejected %s; %d inputs skipped %s", args.output_dir,
              overall["processed"], overall["kept"], overall["processed"] - overall["kept"], overall["rejected"],
              overall["skipped"], overall["skipped_reasons"])
