@@ -19,6 +19,7 @@ a source, so samples are keyed on (`dataset`, `question_id`).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -381,6 +382,26 @@ def write_jsonl_atomic(rows: list[dict[str, Any]], path: str | os.PathLike) -> N
     os.replace(tmp, path)
 
 
+def open_image(data: Any):
+    """A PIL image, decoded now (corrupt data fails here, not later in a processor), from bytes, a path, a PIL image
+    or a `datasets` image dict (`bytes`, else `path`). Raises PIL's errors (`UnidentifiedImageError`, `OSError`,
+    `DecompressionBombError`) for data that does not decode, a `ValueError` for data that is none of these."""
+    from PIL import Image
+
+    if isinstance(data, Image.Image):
+        return data
+    if isinstance(data, dict):
+        data = data.get("bytes") if data.get("bytes") is not None else data.get("path")
+    if isinstance(data, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(data))
+    elif isinstance(data, (str, os.PathLike)):
+        image = Image.open(data)
+    else:
+        raise ValueError(f"an image is bytes, a path or a PIL image, got {type(data).__name__} {str(data)[:80]}")
+    image.load()
+    return image
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The manifest: what a finished LaViT-15K folder holds, by content
 # ----------------------------------------------------------------------------------------------------------------
@@ -575,6 +596,7 @@ __all__ = [
     "COLUMNS",
     "features",
     "write_parquet_atomic",
+    "open_image",
     "commit_shard",
     "check_shard",
     "write_manifest",

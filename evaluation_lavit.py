@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from cli_lavit import changed_settings
+from data_lavit import open_image
 from modeling_lavit import LATENT_INTERVENTIONS, model_device
 from processing_lavit import user_turn
 
@@ -101,29 +101,22 @@ class UnreadableImage(ValueError):
 
 
 def _file_image(path: Path) -> Callable[[], Image.Image]:
-    def load() -> Image.Image:
-        try:
-            image = Image.open(path)
-            image.load()
-        except FileNotFoundError as err:
-            raise UnreadableImage(f"missing image {path}") from err
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise UnreadableImage(f"corrupt image {path}: {err}") from err
-        return image.convert("RGB")
-
-    return load
+    return _image_loader(path, str(path))
 
 
 def _bytes_image(data: Any, where: str) -> Callable[[], Image.Image]:
+    return _image_loader(data, f"in {where}")
+
+
+def _image_loader(data: Any, where: str) -> Callable[[], Image.Image]:
+    """Decodes `data` (`data_lavit.open_image`) when called; a missing or corrupt image is an `UnreadableImage`."""
     def load() -> Image.Image:
-        raw = data.get("bytes") if isinstance(data, dict) else data
-        if raw is None and isinstance(data, dict) and data.get("path"):
-            return _file_image(Path(data["path"]))()
         try:
-            image = Image.open(io.BytesIO(raw))
-            image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, TypeError) as err:
-            raise UnreadableImage(f"corrupt image in {where}: {err}") from err
+            image = open_image(data)
+        except FileNotFoundError as err:
+            raise UnreadableImage(f"missing image {err.filename or where}") from err
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise UnreadableImage(f"corrupt image {where}: {err}") from err
         return image.convert("RGB")
 
     return load

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cli_lavit import checkpoint_model_type
 from data_lavit import gaze_topk_weights, merged_token_grids
 from modeling_lavit import (
     LavitAttentionControl,
@@ -77,9 +78,9 @@ def load_qwen2_5_vl(
         device_map: e.g. `"auto"` to spread a teacher larger than one GPU over several.
         min_pixels, max_pixels: the image processor's pixel bounds (paper: 256*28*28 and 1280*28*28).
     """
-    from transformers import PretrainedConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model_type = PretrainedConfig.get_config_dict(name_or_path)[0].get("model_type")
+    model_type = checkpoint_model_type(name_or_path)  # names a missing local folder instead of the Hub's repo-id error
     if model_type != "qwen2_5_vl":
         raise ValueError(
             f"The teacher {name_or_path} is a '{model_type}' model; the teacher must be a stock Qwen2.5-VL model "
