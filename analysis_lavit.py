@@ -7,6 +7,8 @@
   answer, each generated token, or the latent tokens), through the same side channel as the teacher extraction.
 * Figure 2: accuracy of the samples whose S_focus exceeds each threshold. Figure 3: the perception gap, per response
   token, between teacher and student. Figure 4: entropy histograms. Figure 5: heatmap overlays.
+* `attention_analysis`: all of it for several models on one sample set, the one function that
+  examples/analyze_attention.py and the quickstart's analysis stage call.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -439,6 +442,125 @@ def focus_of(maps, grids, images, boxes) -> list[float]:
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The whole analysis, as examples/analyze_attention.py and the quickstart's analysis stage run it
+# ----------------------------------------------------------------------------------------------------------------
+
+FIGURE_FILES = {"figure2": "figure2_accuracy_vs_focus.png", "figure3": "figure3_perception_gap.png",
+                "figure4": "figure4_entropy.png", "figure5": "figure5_heatmaps.png"}
+
+
+def focus_summary(focus: Sequence, correct: Sequence[bool], thresholds: Sequence[float]) -> dict[str, Any]:
+    """One line of Figure 2: `focus_curve` of the samples that have an S_focus (None: no box), the mean S_focus of the
+    right and of the wrong answers (None where there is none of a kind) and how many samples it reads."""
+    pairs = [(f, bool(c)) for f, c in zip(focus, correct, strict=True) if f is not None]
+    right = [f for f, c in pairs if c]
+    wrong = [f for f, c in pairs if not c]
+    return {"curve": focus_curve([f for f, _ in pairs], [c for _, c in pairs], thresholds),
+            "mean_focus_correct": float(np.mean(right)) if right else None,
+            "mean_focus_incorrect": float(np.mean(wrong)) if wrong else None,
+            "samples": len(pairs)}
+
+
+def model_attention(model, processor, rows: str, images, questions, boxes, references=None, judge=None,
+                    max_new_tokens: int = 32, batch_size: int = 4) -> dict[str, Any]:
+    """One model's attention while it answers (`answer_trajectories` with `rows`), each sample's S_focus on its box
+    and entropy, and, given the `references` and a `judge(answer, reference) -> bool`, whether each answer is right.
+
+    Returns the trajectories (`maps`, `grids`, `answers`) with `focus`, `entropies`, `correct` (None without
+    references) and `statistics`: Table 2's `attention_statistics`, the mean `s_focus` (None without boxes), `rows`
+    and, with references, `accuracy` (%).
+    """
+    if references is not None and judge is None:
+        raise ValueError("Judging the answers against references needs a judge(answer, reference) -> bool.")
+    run = answer_trajectories(model, processor, images, questions, max_new_tokens, rows, batch_size)
+    focus = focus_of(run["maps"], run["grids"], images, boxes)
+    measured = [f for f in focus if f is not None]
+    statistics = {**attention_statistics(run["maps"]), "s_focus": float(np.mean(measured)) if measured else None,
+                  "rows": rows}
+    correct = None
+    if references is not None:
+        correct = [bool(judge(answer, reference)) for answer, reference in zip(run["answers"], references, strict=True)]
+        statistics["accuracy"] = 100 * float(np.mean(correct))
+    return {**run, "focus": focus, "entropies": [attention_entropy(m) for m in run["maps"]], "correct": correct,
+            "statistics": statistics}
+
+
+def attention_analysis(models: dict[str, tuple], images, questions, boxes, output_dir, *, references=None,
+                       judge=None, responses=None, focus_lines: dict[str, tuple] | None = None,
+                       pooled_lines: dict[str, list[str]] | None = None, gaps: dict[str, tuple[str, str]] | None = None,
+                       shown: list[str] | None = None, heatmaps: int = 3, thresholds: Sequence[float] = (0.0, 0.1, 0.2),
+                       max_new_tokens: int = 32, batch_size: int = 4, nlp=None, progress: bool = True
+                       ) -> dict[str, Any]:
+    """The paper's attention analyses of several models on one sample set, written as Figures 2-5 into `output_dir`.
+
+    Args:
+        models: name -> `(model, processor, rows)`, the query rows its maps read (`answer_trajectories`); one model
+            may appear under two names with other rows (a LaViT student's answer and its latent tokens).
+        images, questions, boxes: the samples (a box may be None: that sample has no S_focus).
+        references, judge: each sample's reference answer and `judge(answer, reference) -> bool`, to score each
+            model's own answers (its accuracy, and the lines of `pooled_lines`).
+        responses: the teacher-forced responses the perception gap reads (needed with `gaps`).
+        focus_lines: Figure 2 label -> `(focus, correct)` measured elsewhere (e.g. the teacher's, from LaViT-15K's
+            flags).
+        pooled_lines: Figure 2 label -> names of `models` whose own answers are pooled into one line (e.g. a
+            method's seeds).
+        gaps: Figure 3 label -> `(teacher name, student name)` of `models`.
+        shown: the models of Figures 4 and 5 (default: all); heatmaps: how many samples Figure 5 shows.
+    Returns:
+        `{"per_model": name -> statistics (see `model_attention`), "figure2": label -> `focus_summary` (a pooled line
+        also names its `runs`), "perception_gap": label -> {"per_category", "cosine_through"}, "figures": the file
+        names written}`.
+    """
+    from tqdm.auto import tqdm
+
+    if pooled_lines and references is None:
+        raise ValueError("Figure 2 lines pooled from the models' own answers need the references to judge them.")
+    if gaps and responses is None:
+        raise ValueError("The perception gap reads teacher-forced responses: pass `responses`.")
+    named = [n for line in (pooled_lines or {}).values() for n in line]
+    named += [n for pair in (gaps or {}).values() for n in pair] + list(shown or [])
+    unknown = sorted(set(named) - set(models))
+    if unknown:
+        raise ValueError(f"The analysis names models it was not given: {unknown} (given: {sorted(models)}).")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(models) + len(gaps or {}), desc="attention analysis", unit="model", disable=not progress)
+    measured = {}
+    for name, (model, processor, rows) in models.items():
+        measured[name] = model_attention(model, processor, rows, images, questions, boxes, references, judge,
+                                         max_new_tokens, batch_size)
+        bar.update()
+    figures = []
+    figure2 = {label: focus_summary(focus, correct, thresholds) for label, (focus, correct) in (focus_lines or {}).items()}
+    for label, names in (pooled_lines or {}).items():
+        figure2[label] = {**focus_summary([f for n in names for f in measured[n]["focus"]],
+                                          [c for n in names for c in measured[n]["correct"]], thresholds),
+                          "runs": list(names)}
+    if figure2:
+        plot_focus_curves(figure2, output_dir / FIGURE_FILES["figure2"])
+        figures.append(FIGURE_FILES["figure2"])
+    perception = {}
+    for label, (teacher, student) in (gaps or {}).items():
+        (teacher_model, teacher_processor, _), (student_model, student_processor, _) = models[teacher], models[student]
+        gap = perception_gap(teacher_model, teacher_processor, student_model, student_processor, images, questions,
+                             responses, nlp=nlp, batch_size=batch_size)
+        perception[label] = {"per_category": gap["per_category"], "cosine_through": gap["cosine_through"]}
+        bar.update()
+    bar.close()
+    if perception:
+        plot_perception_gaps(perception, output_dir / FIGURE_FILES["figure3"])
+        figures.append(FIGURE_FILES["figure3"])
+    shown = list(shown or models)
+    plot_entropy_histograms({n: measured[n]["entropies"] for n in shown}, output_dir / FIGURE_FILES["figure4"])
+    count = min(heatmaps, len(images))
+    plot_heatmaps(images[:count], {n: measured[n]["maps"][:count] for n in shown},
+                  {n: measured[n]["grids"][:count] for n in shown}, output_dir / FIGURE_FILES["figure5"], boxes[:count])
+    figures += [FIGURE_FILES["figure4"], FIGURE_FILES["figure5"]]
+    return {"per_model": {n: m["statistics"] for n, m in measured.items()}, "figure2": figure2,
+            "perception_gap": perception, "figures": figures}
+
+
 __all__ = [
     "normalise_map",
     "attention_entropy",
@@ -460,6 +582,10 @@ __all__ = [
     "plot_entropy_histograms",
     "plot_heatmaps",
     "focus_of",
+    "focus_summary",
+    "model_attention",
+    "attention_analysis",
+    "FIGURE_FILES",
     "FUNCTION_WORDS",
     "ATTRIBUTE_WORDS",
 ]

@@ -81,15 +81,12 @@ def main(argv=None) -> None:
         except ValueError as err:
             raise SystemExit(f"{name}: {err}") from err
     import torch
-    from tqdm.auto import tqdm
 
-    from analysis_lavit import (answer_trajectories, attention_entropy, attention_statistics, focus_curve, focus_of,
-                                perception_gap, plot_entropy_histograms, plot_focus_curve, plot_heatmaps,
-                                plot_perception_gap, load_spacy)
+    from analysis_lavit import attention_analysis, focus_summary, load_spacy
+    from builder_lavit import answer_matches
     from data_lavit import load_lavit_dataset
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    os.makedirs(args.output_dir, exist_ok=True)
     try:
         everything = load_lavit_dataset(args.dataset, "all")
     except ValueError as err:
@@ -97,56 +94,30 @@ def main(argv=None) -> None:
             f"Figure 2 reads the dataset's `all` config (every processed sample with its flags): {err} "
             "examples/build_lavit_dataset.py writes it next to `kept`."
         ) from err
-    report: dict = {"figure2": {}, "figure3": None, "table2": {}, "figures": []}
-
-    focus = [r for r in everything.select_columns(["s_focus", "correct"]) if r["s_focus"] is not None]
-    curve = focus_curve([r["s_focus"] for r in focus], [r["correct"] for r in focus], args.thresholds)
-    right = [r["s_focus"] for r in focus if r["correct"]]
-    wrong = [r["s_focus"] for r in focus if not r["correct"]]
-    report["figure2"] = {"curve": curve, "mean_focus_correct": float(np.mean(right)) if right else None,
-                         "mean_focus_incorrect": float(np.mean(wrong)) if wrong else None, "samples": len(focus)}
-    plot_focus_curve(curve, report["figure2"]["mean_focus_correct"], report["figure2"]["mean_focus_incorrect"],
-                     os.path.join(args.output_dir, "figure2_accuracy_vs_focus.png"))
-    report["figures"].append("figure2_accuracy_vs_focus.png")
+    flags = everything.select_columns(["s_focus", "correct"])
+    focus_summary(flags["s_focus"], flags["correct"], args.thresholds)  # no flagged sample: an error before loading
 
     rows = everything.select(range(min(args.num_samples, len(everything))))
     if len(rows) == 0:
         raise SystemExit("The dataset has no samples to analyse.")
     images = [r["image"].convert("RGB") for r in rows]
-    questions = [r["question"] for r in rows]
-    boxes = [r["bbox"] for r in rows]
-    responses = [r["teacher_response"] or r["answer"] for r in rows]
-
-    loaded = {name: load_model(path, device) for name, path in models.items()}
-
-    if "teacher" in loaded and "student" in loaded:
-        (teacher, t_processor, _), (student, s_processor, _) = loaded["teacher"], loaded["student"]
-        nlp = load_spacy()
-        gap = perception_gap(teacher, t_processor, student, s_processor, images, questions, responses, nlp=nlp,
-                             batch_size=args.batch_size)
-        report["figure3"] = {"per_category": gap["per_category"], "cosine_through": gap["cosine_through"],
-                             "word_categories": "spaCy" if nlp is not None else "shipped lexicon"}
-        plot_perception_gap(gap, os.path.join(args.output_dir, "figure3_perception_gap.png"))
-        report["figures"].append("figure3_perception_gap.png")
-
-    maps, grids, entropies = {}, {}, {}
-    for name in tqdm(loaded, desc="attention maps", disable=args.no_progress):
-        model, processor, lavit = loaded[name]
-        rows_kind = args.rows if lavit else "response"
-        run = answer_trajectories(model, processor, images, questions, args.max_new_tokens, rows_kind, args.batch_size)
-        maps[name], grids[name] = run["maps"], run["grids"]
-        entropies[name] = [attention_entropy(m) for m in run["maps"]]
-        stats = attention_statistics(run["maps"])
-        focus_values = [f for f in focus_of(run["maps"], run["grids"], images, boxes) if f is not None]
-        stats["s_focus"] = float(np.mean(focus_values)) if focus_values else None
-        stats["rows"] = rows_kind
-        report["table2"][name] = stats
-    plot_entropy_histograms(entropies, os.path.join(args.output_dir, "figure4_entropy.png"))
-    report["figures"].append("figure4_entropy.png")
-    shown = min(args.heatmaps, len(images))
-    plot_heatmaps(images[:shown], {n: m[:shown] for n, m in maps.items()}, {n: g[:shown] for n, g in grids.items()},
-                  os.path.join(args.output_dir, "figure5_heatmaps.png"), boxes[:shown])
-    report["figures"].append("figure5_heatmaps.png")
+    gaps = {"student": ("teacher", "student")} if "teacher" in models and "student" in models else {}
+    nlp = load_spacy() if gaps else None
+    loaded = {}
+    for name, path in models.items():
+        model, processor, lavit = load_model(path, device)
+        loaded[name] = (model, processor, args.rows if lavit else "response")
+    result = attention_analysis(
+        loaded, images, [r["question"] for r in rows], [r["bbox"] for r in rows], args.output_dir,
+        references=[r["answer"] for r in rows], judge=answer_matches,
+        responses=[r["teacher_response"] or r["answer"] for r in rows],
+        focus_lines={"teacher": (flags["s_focus"], flags["correct"])}, gaps=gaps, heatmaps=args.heatmaps,
+        thresholds=args.thresholds, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, nlp=nlp,
+        progress=not args.no_progress)
+    figure3 = result["perception_gap"].get("student")
+    report = {"figure2": result["figure2"]["teacher"], "table2": result["per_model"], "figures": result["figures"],
+              "figure3": {**figure3, "word_categories": "spaCy" if nlp is not None else "shipped lexicon"}
+              if figure3 else None}
 
     with open(os.path.join(args.output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -163,26 +134,29 @@ def render_markdown(report: dict) -> str:
     """The report's tables; every number is the JSON report's, rounded to 4 decimals."""
     lines = ["# Attention analysis", "", "## Figure 2: accuracy against visual focus", "",
              "| S_focus > | samples | accuracy |", "|---|---|---|"]
-    lines += [f"| {c['threshold']:.2f} | {c['n']} | {fmt(c['accuracy'])} |" for c in report["figure2"]["curve"]]
-    f2 = report["figure2"]
-    lines += ["", f"Mean S_focus: correct {fmt(f2['mean_focus_correct'])}, incorrect {fmt(f2['mean_focus_incorrect'])} "
-              f"({f2['samples']} samples).", ""]
-    if report["figure3"]:
-        f3 = report["figure3"]
+    focus = report["figure2"]
+    lines += [f"| {point['threshold']:.2f} | {point['n']} | {fmt(point['accuracy'])} |" for point in focus["curve"]]
+    lines += ["", f"Mean S_focus: correct {fmt(focus['mean_focus_correct'])}, incorrect "
+              f"{fmt(focus['mean_focus_incorrect'])} ({focus['samples']} samples).", ""]
+    gap = report["figure3"]
+    if gap:
+        compared = {"concept_head": "through the concept head", "direct": "directly",
+                    None: "not at all (widths differ)"}[gap["cosine_through"]]
         lines += ["## Figure 3: the perception gap", "",
-                  f"Hidden states compared {'through the concept head' if f3['cosine_through'] == 'concept_head' else f3['cosine_through'] or 'not at all (widths differ)'}; "
-                  f"word categories from the {f3['word_categories']}.", "",
+                  f"Hidden states compared {compared}; word categories from the {gap['word_categories']}.", "",
                   "| category | tokens | KL(teacher \\|\\| student) | cosine distance |", "|---|---|---|---|"]
-        for category, v in f3["per_category"].items():
-            lines.append(f"| {category} | {v['tokens']} | {fmt(v['kl'])} | {fmt(v['cosine_distance'])} |")
+        for category, value in gap["per_category"].items():
+            lines.append(f"| {category} | {value['tokens']} | {fmt(value['kl'])} | {fmt(value['cosine_distance'])} |")
         lines.append("")
     lines += ["## Table 2: attention concentration and stability", "",
               "| model | rows | salient mean | salient std | salient range | salient CV | entropy mean | entropy std | "
-              "entropy CV | mean S_focus |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, s in report["table2"].items():
-        sal, ent = s["salient_regions"], s["entropy"]
-        lines.append(f"| {name} | {s['rows']} | {fmt(sal['mean'])} | {fmt(sal['std'])} | {sal['min']:.0f}-{sal['max']:.0f} | "
-                     f"{fmt(sal['cv'])} | {fmt(ent['mean'])} | {fmt(ent['std'])} | {fmt(ent['cv'])} | {fmt(s['s_focus'])} |")
+              "entropy CV | mean S_focus | accuracy (%) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, stats in report["table2"].items():
+        salient, entropy = stats["salient_regions"], stats["entropy"]
+        lines.append(f"| {name} | {stats['rows']} | {fmt(salient['mean'])} | {fmt(salient['std'])} | "
+                     f"{salient['min']:.0f}-{salient['max']:.0f} | {fmt(salient['cv'])} | {fmt(entropy['mean'])} | "
+                     f"{fmt(entropy['std'])} | {fmt(entropy['cv'])} | {fmt(stats['s_focus'])} | "
+                     f"{fmt(stats['accuracy'], 1)} |")
     lines += ["", "Figures: " + ", ".join(report["figures"]), ""]
     return "\n".join(lines)
 

@@ -18,11 +18,14 @@ from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from analysis_lavit import (
+    answer_trajectories,
+    attention_analysis,
     attention_entropy,
     attention_maps,
     attention_statistics,
     focus_curve,
     focus_of,
+    focus_summary,
     map_kl,
     perception_gap,
     salient_regions,
@@ -174,6 +177,81 @@ def test_perception_gap(tmp_path, lavit_model, processor, teacher_width, through
         rows = [r for r in gap["per_token"] if r["category"] == category]
         if rows:
             assert value["kl"] == pytest.approx(np.mean([r["kl"] for r in rows]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole analysis (the function examples/analyze_attention.py and the quickstart's analysis stage call)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_focus_summary_by_hand():
+    summary = focus_summary([0.1, None, 0.5, 0.3], [True, True, False, True], [0.0, 0.2])
+    assert summary["samples"] == 3  # the sample without a box has no S_focus
+    assert [(point["n"], point["accuracy"]) for point in summary["curve"]] == [(3, pytest.approx(2 / 3)), (2, 0.5)]
+    assert summary["mean_focus_correct"] == pytest.approx(0.2) and summary["mean_focus_incorrect"] == 0.5
+    assert focus_summary([0.4], [True], [0.0])["mean_focus_incorrect"] is None
+    with pytest.raises(ValueError):  # a flag for every S_focus
+        focus_summary([0.1, 0.2], [True], [0.0])
+
+
+def test_attention_analysis_reads_each_model_with_its_rows(tiny_base_dir, lavit_model, processor, tmp_path):
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_base_dir).eval()
+    base_processor = LavitBaseProcessor.from_pretrained(tiny_base_dir)
+    boxes = [[0, 0, 28, 28], None]
+    references = ["red", "left"]
+    models = {"teacher": (base, base_processor, "response"), "student": (lavit_model, processor, "response"),
+              "student (latents)": (lavit_model, processor, "latents")}
+    judged = []
+
+    def judge(answer, reference):
+        judged.append((answer, reference))
+        return len(judged) % 2 == 1  # right, wrong, right, ... in the order asked
+
+    result = attention_analysis(
+        models, IMAGES, QUESTIONS, boxes, tmp_path / "figures", references=references, judge=judge,
+        responses=["the red dog", "left of it"], focus_lines={"flags": ([0.2, 0.4], [True, False])},
+        pooled_lines={"both": ["teacher", "student"]}, gaps={"student": ("teacher", "student")},
+        shown=["teacher", "student (latents)"], heatmaps=1, thresholds=[0.0, 0.3], max_new_tokens=4, batch_size=2,
+        progress=False)
+    # each model answers greedily and its maps come from the rows it was given, composed here step by step
+    for name, (model, model_processor, rows) in models.items():
+        run = answer_trajectories(model, model_processor, IMAGES, QUESTIONS, 4, rows, 2)
+        stats = result["per_model"][name]
+        assert stats["rows"] == rows
+        assert stats["s_focus"] == pytest.approx(focus_of(run["maps"], run["grids"], IMAGES, boxes)[0])
+        assert stats["entropy"]["mean"] == pytest.approx(np.mean([attention_entropy(m) for m in run["maps"]]))
+        assert stats["accuracy"] == 50.0  # one right and one wrong answer per model
+    assert [reference for _, reference in judged] == references * 3
+    assert result["per_model"]["student (latents)"]["s_focus"] != result["per_model"]["student"]["s_focus"]
+    # Figure 2: a line given by its flags and a line pooled from two models' own answers (one box each)
+    assert result["figure2"]["flags"] == focus_summary([0.2, 0.4], [True, False], [0.0, 0.3])
+    assert result["figure2"]["both"]["samples"] == 2 and result["figure2"]["both"]["runs"] == ["teacher", "student"]
+    # Figure 3 is the perception gap of the pair named
+    gap = perception_gap(base, base_processor, lavit_model, processor, IMAGES, QUESTIONS, ["the red dog", "left of it"],
+                         batch_size=2)
+    assert result["perception_gap"]["student"] == {"per_category": gap["per_category"],
+                                                   "cosine_through": gap["cosine_through"]}
+    expected_sizes = {"figure2_accuracy_vs_focus.png": (600, 380), "figure3_perception_gap.png": (800, 340),
+                      "figure4_entropy.png": (500, 350), "figure5_heatmaps.png": (520, 260)}  # 2 models x 1 sample
+    assert sorted(result["figures"]) == sorted(expected_sizes)
+    for name, size in expected_sizes.items():
+        with Image.open(tmp_path / "figures" / name) as image:
+            assert image.size == size
+
+
+def test_attention_analysis_refuses_what_it_cannot_draw(lavit_model, processor, tmp_path):
+    models = {"student": (lavit_model, processor, "response")}
+    boxes = [None, None]
+    with pytest.raises(ValueError, match=r"names models it was not given: \['teacher'\]"):
+        attention_analysis(models, IMAGES, QUESTIONS, boxes, tmp_path, responses=["a", "b"],
+                           gaps={"gap": ("teacher", "student")})
+    with pytest.raises(ValueError, match="need the references"):
+        attention_analysis(models, IMAGES, QUESTIONS, boxes, tmp_path, pooled_lines={"line": ["student"]})
+    with pytest.raises(ValueError, match="pass `responses`"):
+        attention_analysis(models, IMAGES, QUESTIONS, boxes, tmp_path, gaps={"gap": ("student", "student")})
+    with pytest.raises(ValueError, match="needs a judge"):
+        attention_analysis(models, IMAGES, QUESTIONS, boxes, tmp_path, references=["a", "b"], progress=False)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 # ---------------------------------------------------------------------------------------------------------------
