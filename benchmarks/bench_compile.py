@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from common import benchmark_parser, interleaved_times, report  # noqa: E402
+from common import benchmark_parser, interleaved_times, report
 
-from bench_forward import prepare_checkpoints  # noqa: E402
-from modeling_lavit import LavitForConditionalGeneration  # noqa: E402
-from processing_lavit import LavitProcessor  # noqa: E402
-from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
+from bench_forward import prepare_checkpoints
+from modeling_lavit import LavitForConditionalGeneration
+from processing_lavit import LavitProcessor
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 GOAL_VS_STOCK = 1.05
 

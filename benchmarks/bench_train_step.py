@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import benchmark_parser, interleaved_times, report, steady_peak  # noqa: E402
+from common import benchmark_parser, interleaved_times, report, steady_peak
 
-from bench_forward import prepare_checkpoints  # noqa: E402
-from modeling_lavit import LavitForConditionalGeneration, concept_loss, trajectory_loss  # noqa: E402
-from processing_lavit import LavitProcessor  # noqa: E402
-from trainer_lavit import LavitSFTConfig, LavitSFTTrainer  # noqa: E402
+from bench_forward import prepare_checkpoints
+from modeling_lavit import LavitForConditionalGeneration, concept_loss, trajectory_loss
+from processing_lavit import LavitProcessor
+from trainer_lavit import LavitSFTConfig, LavitSFTTrainer
 
 GOAL = 1.15
 

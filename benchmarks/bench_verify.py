@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import interleaved_times, report  # noqa: E402
+from common import interleaved_times, report
 
-from data_lavit import commit_shard, load_lavit_dataset, verify_lavit_folder, write_manifest  # noqa: E402
-from data_lavit import write_parquet_atomic  # noqa: E402
+from data_lavit import commit_shard, load_lavit_dataset, verify_lavit_folder, write_manifest
+from data_lavit import write_parquet_atomic
 
 GOAL = 1.0
 
