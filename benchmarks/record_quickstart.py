@@ -11,10 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-import quickstart_lavit as quickstart  # noqa: E402
-from common import report  # noqa: E402
+import report_lavit
+from common import report
 
 SECTION = "quickstart: the default run (make demo)"
 
@@ -41,25 +39,26 @@ def body_of(results: dict) -> str:
         "| stage | wall time s |",
         "|---|---|",
     ]
-    default = {name: s for name, s in seconds.items() if name != "ablations"}
-    lines += [f"| {name} | {s:.1f} |" for name, s in default.items()]
+    default = {name: stage_seconds for name, stage_seconds in seconds.items() if name != "ablations"}
+    lines += [f"| {name} | {stage_seconds:.1f} |" for name, stage_seconds in default.items()]
     lines += [f"| total (make demo) | {sum(default.values()):.1f} |"]
     if "ablations" in seconds:
         lines += [f"| ablations (added by --ablations, not part of make demo) | {seconds['ablations']:.1f} |"]
     lines += [""]
-    t = results["teacher"]
-    curve = ", ".join(f"{c['val_accuracy']:.1f}% at {c['step']}" for c in t.get("curve", []))
-    lines += [f"Teacher: {t['val_accuracy']:.1f}% on validation after {t['steps']} steps (target {t['target']:.0f}%; "
+    teacher = results["teacher"]
+    curve = ", ".join(f"{point['val_accuracy']:.1f}% at {point['step']}" for point in teacher.get("curve", []))
+    lines += [f"Teacher: {teacher['val_accuracy']:.1f}% on validation after {teacher['steps']} steps (target "
+              f"{teacher['target']:.0f}%; "
               f"{curve}); kept {results['dataset']['kept']} of {results['dataset']['processed']} distillation "
               "samples.", ""]
-    m = results["methods"]
-    lines += quickstart.results_table(m)
-    lines += ["", *quickstart.modes_table(m)]
-    if any(k.startswith("ablation: ") for k in m):
-        lines += ["", *quickstart.ablations_table(m)]
+    methods = results["methods"]
+    lines += report_lavit.results_table(methods)
+    lines += ["", *report_lavit.modes_table(methods)]
+    if any(name.startswith("ablation: ") for name in methods):
+        lines += ["", *report_lavit.ablations_table(methods)]
     if any((results.get("val_curves") or {}).values()):
-        lines += ["", "Validation accuracy along training:", "", *quickstart.curves_table(results["val_curves"])]
-    lines += ["", *quickstart.verdict(results)]
+        lines += ["", "Validation accuracy along training:", "", *report_lavit.curves_table(results["val_curves"])]
+    lines += ["", *report_lavit.verdict(results)]
     return "\n".join(lines)
 
 

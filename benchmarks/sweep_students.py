@@ -24,10 +24,8 @@ import os
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-import quickstart_lavit as quickstart  # noqa: E402
-from common import report  # noqa: E402
+import quickstart_lavit as quickstart
+from common import report
 
 SECTION = "quickstart: the students' validation sweep"
 RUN_SETTINGS = {"student_lr": float, "student_batch_size": int, "gate_warmup_fraction": float}

@@ -73,10 +73,12 @@ MAY_IMPORT = {
     "publishing_lavit": {"configuration_lavit", "data_lavit", "evaluation_lavit", "modeling_lavit",
                          "processing_lavit"},
     "synthetic_lavit": {"data_lavit", "evaluation_lavit"},
+    "grounding_lavit": {"data_lavit", "modeling_lavit", "trainer_lavit"},
+    "report_lavit": {"analysis_lavit", "evaluation_lavit"},
     # the end of the pipeline: it runs every stage
     "quickstart_lavit": {"analysis_lavit", "builder_lavit", "cli_lavit", "configuration_lavit", "conversion_lavit",
-                         "data_lavit", "evaluation_lavit", "modeling_lavit", "processing_lavit", "synthetic_lavit",
-                         "teacher_lavit", "testing_lavit", "trainer_lavit"},
+                         "data_lavit", "evaluation_lavit", "grounding_lavit", "modeling_lavit", "processing_lavit",
+                         "report_lavit", "synthetic_lavit", "teacher_lavit", "testing_lavit", "trainer_lavit"},
 }
 
 

@@ -1,0 +1,120 @@
+"""The quickstart's report (`report_lavit`): results.json's numbers computed from a run's stages by hand, the verdict's
+sentences in each situation, and report.md showing results.json's numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from quickstart_lavit import parse_args
+from report_lavit import fmt, mean_std, render_report, summarise, verdict
+
+
+def stages_of(naive: list[float], lavit: list[float], shuffled: list[float], teacher: float = 90.0,
+              base: float = 40.0, ablations: dict | None = None) -> dict:
+    """The stage results `main` gathers, for len(naive) seeds, with the given test accuracies (%)."""
+    seeds = range(len(naive))
+    evaluation = {"teacher": {"none": {"accuracy": teacher}}, "student base": {"none": {"accuracy": base}}}
+    per_model = {}
+    runs = {}
+    for seed in seeds:
+        evaluation[f"naive_sft-seed{seed}"] = {"none": {"accuracy": naive[seed]}}
+        evaluation[f"lavit-seed{seed}"] = {"forced": {"accuracy": lavit[seed]}, "none": {"accuracy": 30.0},
+                                           "masked": {"accuracy": 31.0}, "zeroed": {"accuracy": 32.0},
+                                           "shuffled": {"accuracy": shuffled[seed]}}
+        for method in ("naive_sft", "lavit"):
+            runs[f"{method}-seed{seed}"] = {"final_loss": 0.5 + seed, "val_curve": [
+                {"step": 10, "val_accuracy": 40.0 + seed}, {"step": 20, "val_accuracy": 50.0 + 2 * seed}]}
+    for index, name in enumerate(["teacher", "student base", *runs, *(f"lavit-seed{s} (latents)" for s in seeds)]):
+        per_model[name] = {"s_focus": 0.1 * (index + 1), "entropy": {"mean": 2.0 + index},
+                           "salient_regions": {"mean": 3.0 + index, "cv": 0.25}}
+    stages = {
+        "task": {}, "models": {"teacher_base_parameters": 2_000_000, "student_base_parameters": 1_000_000},
+        "teacher": {"val_accuracy": teacher, "steps": 1000, "curve": [{"step": 1000, "val_accuracy": teacher}]},
+        "student": {"pretrain": {"steps": 400, "val_accuracy": base}},
+        "dataset": {"processed": 200, "kept": 120, "rejected": {"correctness": 50, "difficulty": 30}, "skipped": 0,
+                    "filter_stages": ["correctness", "difficulty"], "focus_threshold": 0.15,
+                    "query_rows": "prompt_and_response", "kept_answers": {"A": 20, "B": 40, "C": 30, "D": 30}},
+        "students": {"runs": runs}, "evaluate": {"results": evaluation},
+        "analysis": {"per_model": per_model, "figure2": {}, "perception_gap": {},
+                     "figures": ["analysis/figure4_entropy.png"]},
+    }
+    if ablations:
+        stages["ablations"] = {"results": {f"{name}-seed0": {"forced": {"accuracy": forced},
+                                                             "shuffled": {"accuracy": swapped}}
+                                           for name, (forced, swapped) in ablations.items()}}
+    for name, stage in stages.items():
+        stage["_seconds"] = 1.5
+    return stages
+
+
+def args_for(seeds: int, tmp_path):
+    return parse_args(["--output-dir", str(tmp_path / "run"), "--seeds", str(seeds)])
+
+
+def test_summary_numbers_match_a_hand_computation(tmp_path):
+    stages = stages_of(naive=[50.0, 60.0], lavit=[70.0, 75.0], shuffled=[40.0, 70.0],
+                       ablations={"no_semantic": (65.0, 45.0), "no_trajectory": (55.0, 50.0)})
+    results = summarise(args_for(2, tmp_path), stages)
+    methods = results["methods"]
+    assert methods["naive_sft"]["accuracy"]["mean"] == pytest.approx(55.0)
+    assert methods["naive_sft"]["accuracy"]["std"] == pytest.approx(5.0)  # population std of 50 and 60
+    assert methods["lavit"]["accuracy"]["values"] == [70.0, 75.0]
+    # per seed, the share of the gap to the 90% teacher: (70 - 50) / (90 - 50), (75 - 60) / (90 - 60)
+    assert results["gap_closed_per_seed"] == pytest.approx([0.5, 0.5])
+    assert results["shuffled_drop"]["values"] == pytest.approx([30.0, 5.0])
+    assert results["lavit_minus_naive"]["accuracy"] == pytest.approx(17.5)
+    # S_focus of LaViT's seeds read from the analysis: names in the order the fixture numbered them (0.1 each)
+    assert methods["lavit"]["s_focus"]["values"] == pytest.approx([0.4, 0.6])
+    assert methods["lavit (latent tokens)"]["s_focus"]["values"] == pytest.approx([0.7, 0.8])
+    assert methods["lavit [masked]"]["accuracy"]["mean"] == 31.0
+    # the validation curves averaged over seeds, step by step
+    assert [(p["step"], p["val_accuracy"]["mean"]) for p in results["val_curves"]["lavit"]] == [(10, 40.5), (20, 51.0)]
+    # the ablations in the order they were trained, each beside its own shuffled score
+    assert [name for name in methods if name.startswith("ablation: ")] == ["ablation: no_semantic",
+                                                                          "ablation: no_trajectory"]
+    assert methods["ablation: no_semantic"]["shuffled"]["mean"] == 45.0
+    assert results["stage_seconds"]["analysis"] == 1.5
+
+
+def test_verdict_says_who_is_ahead_and_whether_it_is_clear(tmp_path):
+    clear = verdict(summarise(args_for(2, tmp_path), stages_of([50.0, 52.0], [70.0, 72.0], [40.0, 42.0])))
+    assert any("LaViT beat Naive SFT" in line and "larger than twice" in line and "+20.000 points" in line
+               for line in clear)
+    assert any("Both conditions of the demo's goal hold" in line for line in clear)
+    # the same two-point lead inside a ten-point seed spread is not called clear
+    noisy = verdict(summarise(args_for(2, tmp_path), stages_of([40.0, 60.0], [42.0, 62.0], [40.0, 60.0])))
+    assert any("LaViT beat Naive SFT" in line and "within twice" in line for line in noisy)
+    assert not any("Both conditions" in line for line in noisy)
+    assert any("costs it 2.0 ± 0.0 points" in line and "less than 15 points" in line for line in noisy)
+    # a tie is called a tie; students near chance (25%) are said to have learned nothing
+    tied = verdict(summarise(args_for(2, tmp_path), stages_of([26.0, 26.0], [26.0, 26.0], [26.0, 26.0])))
+    assert any("LaViT tied with Naive SFT" in line for line in tied)
+    assert any("Naive SFT and LaViT are within 5 points of chance" in line for line in tied)
+    # the validation curves rose by 10.5 points over their last interval
+    assert any("LaViT on validation: 40.5% at step 10, 51.0% at step 20: still rising" in line for line in clear)
+
+
+def test_report_shows_the_summary_numbers(tmp_path):
+    results = summarise(args_for(2, tmp_path), stages_of([50.0, 60.0], [70.0, 75.0], [40.0, 70.0],
+                                                         ablations={"single_stage": (66.0, 33.0)}))
+    report = render_report(results)
+    row = next(line for line in report.splitlines() if line.startswith("| naive_sft |"))
+    assert row.split("|")[2].strip() == "55.0 ± 5.0"
+    assert "| single_stage | 66.0 | 33.0 |" in report and "| full method | 70.0 | 40.0 |" in report
+    assert "| 20 | 51.0 ± 1.0 | 51.0 ± 1.0 |" in report  # both curves: 50 and 52 at step 20
+    assert "GroundedSFTTrainer in grounding_lavit.py" in report
+    assert "Naive SFT 50.0, 60.0; LaViT 70.0, 75.0." in report
+    assert "rejected as correctness: 50, difficulty: 30" in report and "Smoke run" not in report
+    assert "| analysis | 1.5 |" in report
+    without = render_report(summarise(args_for(2, tmp_path), stages_of([50.0, 60.0], [70.0, 75.0], [40.0, 70.0])))
+    assert "Table 3 ablations" not in without
+
+
+def test_fmt_and_mean_std_show_no_number_where_there_is_none():
+    assert fmt(mean_std([])) == "—" and mean_std([None, None])["n"] == 0
+    assert fmt(mean_std([2.0, 4.0])) == "3.0 ± 1.0"
+    assert fmt(mean_std([0.25]), scale=100, digits=0) == "25"
+    assert fmt({"mean": math.nan, "std": 0.0, "n": 2}) == "—"
+    assert mean_std([1.0, None, 3.0])["values"] == [1.0, 3.0]
