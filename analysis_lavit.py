@@ -498,8 +498,9 @@ def attention_analysis(models: dict[str, tuple], images, questions, boxes, outpu
         models: name -> `(model, processor, rows)`, the query rows its maps read (`answer_trajectories`); one model
             may appear under two names with other rows (a LaViT student's answer and its latent tokens).
         images, questions, boxes: the samples (a box may be None: that sample has no S_focus).
-        references, judge: each sample's reference answer and `judge(answer, reference) -> bool`, to score each
-            model's own answers (its accuracy, and the lines of `pooled_lines`).
+        references, judge: each sample's reference (its answer, or whatever else the judge reads, such as the
+            answer and its source) and `judge(answer, reference) -> bool`, to score each model's own answers (its
+            accuracy, and the lines of `pooled_lines`).
         responses: the teacher-forced responses the perception gap reads (needed with `gaps`).
         focus_lines: Figure 2 label -> `(focus, correct)` measured elsewhere (e.g. the teacher's, from LaViT-15K's
             flags).

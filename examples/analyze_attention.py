@@ -109,7 +109,8 @@ def main(argv=None) -> None:
         loaded[name] = (model, processor, args.rows if lavit else "response")
     result = attention_analysis(
         loaded, images, [r["question"] for r in rows], [r["bbox"] for r in rows], args.output_dir,
-        references=[r["answer"] for r in rows], judge=answer_matches,
+        # each answer judged as the builder judges the teacher's: by the sample's source (ANLS for documents)
+        references=[(r["answer"], r["source"]) for r in rows], judge=lambda answer, ref: answer_matches(answer, *ref),
         responses=[r["teacher_response"] or r["answer"] for r in rows],
         focus_lines={"teacher": (flags["s_focus"], flags["correct"])}, gaps=gaps, heatmaps=args.heatmaps,
         thresholds=args.thresholds, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, nlp=nlp,
