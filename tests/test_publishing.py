@@ -168,3 +168,66 @@ def test_a_naive_sft_student_is_described_and_exported_as_one(trained, tmp_path,
                 capsys)
     assert "trained with Naive SFT, the LaViT paper's control" in text and "writes K = 4 latent" not in text
     assert "its chat template appends no latent tokens" in text and "lambda_concept" not in text
+
+
+class FakeHub:
+    """The Hub's side of the calls examples/push_lavit.py makes, kept in memory (repos of branches of files), so that
+    the upload's logic runs as written without a network: what a revision holds after each push."""
+
+    def __init__(self):
+        self.repos: dict[str, dict[str, dict[str, bytes]]] = {}
+        self.created: list[tuple[str, bool]] = []
+
+    def api_class(self):
+        from huggingface_hub import CommitOperationDelete
+
+        hub = self
+
+        class Api:
+            def create_repo(self, repo_id, repo_type="model", private=False, exist_ok=False):
+                assert repo_type == "model" and (exist_ok or repo_id not in hub.repos)
+                hub.created.append((repo_id, private))
+                hub.repos.setdefault(repo_id, {"main": {".gitattributes": b"*.safetensors filter=lfs\n"}})
+
+            def create_branch(self, repo_id, branch, exist_ok=False):
+                hub.repos[repo_id].setdefault(branch, dict(hub.repos[repo_id]["main"]))  # a branch starts at main
+
+            def list_repo_files(self, repo_id, revision=None):
+                return sorted(hub.repos[repo_id][revision or "main"])
+
+            def create_commit(self, repo_id, operations, revision=None, commit_message=""):
+                files = hub.repos[repo_id][revision or "main"]
+                for operation in operations:
+                    if isinstance(operation, CommitOperationDelete):
+                        del files[operation.path_in_repo]
+                    else:
+                        source = operation.path_or_fileobj
+                        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+                        files[operation.path_in_repo] = data
+                return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/fake"})()
+
+        return Api
+
+
+def test_a_push_leaves_each_revision_holding_exactly_what_loads(trained, monkeypatch):
+    import huggingface_hub
+
+    out, _ = trained
+    hub = FakeHub()
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub.api_class())
+    # an earlier push left a file this one does not make; the new commit deletes it
+    hub.repos["you/lavit-tiny"] = {"main": {"README.md": b"old card", "pytorch_model.bin": b"stale weights"}}
+    push(base_args(trained, "--private"))
+    main = hub.repos["you/lavit-tiny"]["main"]
+    assert set(main) == EXPECTED
+    for name in EXPECTED - {"README.md"}:  # the checkpoint's own files, remote code included, byte for byte
+        assert main[name] == (out / name).read_bytes(), name
+    assert front_matter(main["README.md"].decode())["library_name"] == "transformers"
+    assert hub.created == [("you/lavit-tiny", True)]
+    # the stock export on a branch of the same repo: it starts from main's files and keeps none of the remote code
+    push(base_args(trained, "--stock-branch", "stock"))
+    stock = hub.repos["you/lavit-tiny"]["stock"]
+    assert "model.safetensors" in stock and not any(name.endswith(".py") for name in stock)
+    assert json.loads(stock["config.json"])["model_type"] == "qwen2_5_vl"
+    assert "custom_code" not in front_matter(stock["README.md"].decode())["tags"]
+    assert set(hub.repos["you/lavit-tiny"]["main"]) == EXPECTED  # main as the first push left it
