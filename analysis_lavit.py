@@ -327,12 +327,6 @@ def _pyplot():
     return plt
 
 
-def plot_focus_curve(curve, mean_correct, mean_incorrect, path, model: str = "teacher") -> None:
-    """Figure 2 for one model; see `plot_focus_curves`."""
-    plot_focus_curves({model: {"curve": curve, "mean_focus_correct": mean_correct,
-                               "mean_focus_incorrect": mean_incorrect}}, path)
-
-
 def plot_focus_curves(models: dict[str, dict], path) -> None:
     """Figure 2: accuracy of the samples whose S_focus exceeds a threshold, one line per model. `models` maps a name
     to `{"curve": focus_curve(...), "mean_focus_correct", "mean_focus_incorrect"}`; the legend names each model with
@@ -355,11 +349,6 @@ def plot_focus_curves(models: dict[str, dict], path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def plot_perception_gap(gap, path, model: str = "student") -> None:
-    """Figure 3 for one student; see `plot_perception_gaps`."""
-    plot_perception_gaps({model: gap}, path)
 
 
 def plot_perception_gaps(gaps: dict[str, dict], path) -> None:
@@ -468,8 +457,8 @@ def model_attention(model, processor, rows: str, images, questions, boxes, refer
     and entropy, and, given the `references` and a `judge(answer, reference) -> bool`, whether each answer is right.
 
     Returns the trajectories (`maps`, `grids`, `answers`) with `focus`, `entropies`, `correct` (None without
-    references) and `statistics`: Table 2's `attention_statistics`, the mean `s_focus` (None without boxes), `rows`
-    and, with references, `accuracy` (%).
+    references) and `statistics`: Table 2's `attention_statistics`, the mean `s_focus` over the samples with a box
+    (None without any), `rows` and, with references, `accuracy` (%) over every sample.
     """
     if references is not None and judge is None:
         raise ValueError("Judging the answers against references needs a judge(answer, reference) -> bool.")
@@ -488,10 +477,10 @@ def model_attention(model, processor, rows: str, images, questions, boxes, refer
 
 def attention_analysis(models: dict[str, tuple], images, questions, boxes, output_dir, *, references=None,
                        judge=None, responses=None, focus_lines: dict[str, tuple] | None = None,
-                       pooled_lines: dict[str, list[str]] | None = None, gaps: dict[str, tuple[str, str]] | None = None,
-                       shown: list[str] | None = None, heatmaps: int = 3, thresholds: Sequence[float] = (0.0, 0.1, 0.2),
-                       max_new_tokens: int = 32, batch_size: int = 4, nlp=None, progress: bool = True
-                       ) -> dict[str, Any]:
+                       pooled_lines: dict[str, list[str]] | None = None,
+                       gaps: dict[str, tuple[str, str]] | None = None, shown: list[str] | None = None,
+                       heatmaps: int = 3, thresholds: Sequence[float] = (0.0, 0.1, 0.2), max_new_tokens: int = 32,
+                       batch_size: int = 4, nlp=None, progress: bool = True) -> dict[str, Any]:
     """The paper's attention analyses of several models on one sample set, written as Figures 2-5 into `output_dir`.
 
     Args:
@@ -500,49 +489,67 @@ def attention_analysis(models: dict[str, tuple], images, questions, boxes, outpu
         images, questions, boxes: the samples (a box may be None: that sample has no S_focus).
         references, judge: each sample's reference (its answer, or whatever else the judge reads, such as the
             answer and its source) and `judge(answer, reference) -> bool`, to score each model's own answers (its
-            accuracy, and the lines of `pooled_lines`).
+            accuracy over every sample, and the lines of `pooled_lines` over the samples with a box).
         responses: the teacher-forced responses the perception gap reads (needed with `gaps`).
         focus_lines: Figure 2 label -> `(focus, correct)` measured elsewhere (e.g. the teacher's, from LaViT-15K's
             flags).
         pooled_lines: Figure 2 label -> names of `models` whose own answers are pooled into one line (e.g. a
             method's seeds).
         gaps: Figure 3 label -> `(teacher name, student name)` of `models`.
-        shown: the models of Figures 4 and 5 (default: all); heatmaps: how many samples Figure 5 shows.
+        shown: the models of Figures 4 and 5 (default: all); heatmaps: how many samples Figure 5 shows (0: none).
+        batch_size: samples per generation, per forced pass and per perception-gap pass.
     Returns:
         `{"per_model": name -> statistics (see `model_attention`), "figure2": label -> `focus_summary` (a pooled line
         also names its `runs`), "perception_gap": label -> {"per_category", "cosine_through"}, "figures": the file
         names written}`.
+    Every argument is checked before a model runs or a file is written.
     """
+    import sys
+
     from tqdm.auto import tqdm
 
+    focus_lines, pooled_lines, gaps = focus_lines or {}, pooled_lines or {}, gaps or {}
+    if not images:
+        raise ValueError("No samples to analyse.")
+    for what, values in (("questions", questions), ("boxes", boxes), ("references", references),
+                         ("responses", responses)):
+        if values is not None and len(values) != len(images):
+            raise ValueError(f"{len(images)} images but {len(values)} {what}: give one per sample.")
+    if references is not None and judge is None:
+        raise ValueError("Judging the answers against references needs a judge(answer, reference) -> bool.")
     if pooled_lines and references is None:
         raise ValueError("Figure 2 lines pooled from the models' own answers need the references to judge them.")
     if gaps and responses is None:
         raise ValueError("The perception gap reads teacher-forced responses: pass `responses`.")
-    named = [n for line in (pooled_lines or {}).values() for n in line]
-    named += [n for pair in (gaps or {}).values() for n in pair] + list(shown or [])
+    repeated = sorted(set(focus_lines) & set(pooled_lines))
+    if repeated:
+        raise ValueError(f"Figure 2 labels {repeated} are both a given line and a pooled one; name them apart.")
+    named = [name for line in pooled_lines.values() for name in line]
+    named += [name for pair in gaps.values() for name in pair] + list(shown or [])
     unknown = sorted(set(named) - set(models))
     if unknown:
         raise ValueError(f"The analysis names models it was not given: {unknown} (given: {sorted(models)}).")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(models) + len(gaps or {}), desc="attention analysis", unit="model", disable=not progress)
+    # redrawn every second on a terminal, every 30 s in a log file
+    bar = tqdm(total=len(models) + len(gaps), desc="attention analysis", unit="model", disable=not progress,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)
     measured = {}
     for name, (model, processor, rows) in models.items():
         measured[name] = model_attention(model, processor, rows, images, questions, boxes, references, judge,
                                          max_new_tokens, batch_size)
         bar.update()
     figures = []
-    figure2 = {label: focus_summary(focus, correct, thresholds) for label, (focus, correct) in (focus_lines or {}).items()}
-    for label, names in (pooled_lines or {}).items():
-        figure2[label] = {**focus_summary([f for n in names for f in measured[n]["focus"]],
-                                          [c for n in names for c in measured[n]["correct"]], thresholds),
-                          "runs": list(names)}
+    figure2 = {label: focus_summary(focus, correct, thresholds) for label, (focus, correct) in focus_lines.items()}
+    for label, names in pooled_lines.items():
+        pooled = focus_summary([value for name in names for value in measured[name]["focus"]],
+                               [value for name in names for value in measured[name]["correct"]], thresholds)
+        figure2[label] = {"curve": pooled.pop("curve"), "runs": list(names), **pooled}
     if figure2:
         plot_focus_curves(figure2, output_dir / FIGURE_FILES["figure2"])
         figures.append(FIGURE_FILES["figure2"])
     perception = {}
-    for label, (teacher, student) in (gaps or {}).items():
+    for label, (teacher, student) in gaps.items():
         (teacher_model, teacher_processor, _), (student_model, student_processor, _) = models[teacher], models[student]
         gap = perception_gap(teacher_model, teacher_processor, student_model, student_processor, images, questions,
                              responses, nlp=nlp, batch_size=batch_size)
@@ -553,14 +560,16 @@ def attention_analysis(models: dict[str, tuple], images, questions, boxes, outpu
         plot_perception_gaps(perception, output_dir / FIGURE_FILES["figure3"])
         figures.append(FIGURE_FILES["figure3"])
     shown = list(shown or models)
-    plot_entropy_histograms({n: measured[n]["entropies"] for n in shown}, output_dir / FIGURE_FILES["figure4"])
+    plot_entropy_histograms({name: measured[name]["entropies"] for name in shown}, output_dir / FIGURE_FILES["figure4"])
+    figures.append(FIGURE_FILES["figure4"])
     count = min(heatmaps, len(images))
-    plot_heatmaps(images[:count], {n: measured[n]["maps"][:count] for n in shown},
-                  {n: measured[n]["grids"][:count] for n in shown}, output_dir / FIGURE_FILES["figure5"], boxes[:count])
-    figures += [FIGURE_FILES["figure4"], FIGURE_FILES["figure5"]]
-    return {"per_model": {n: m["statistics"] for n, m in measured.items()}, "figure2": figure2,
+    if count > 0:
+        plot_heatmaps(images[:count], {name: measured[name]["maps"][:count] for name in shown},
+                      {name: measured[name]["grids"][:count] for name in shown}, output_dir / FIGURE_FILES["figure5"],
+                      boxes[:count])
+        figures.append(FIGURE_FILES["figure5"])
+    return {"per_model": {name: result["statistics"] for name, result in measured.items()}, "figure2": figure2,
             "perception_gap": perception, "figures": figures}
-
 
 __all__ = [
     "normalise_map",
@@ -576,9 +585,7 @@ __all__ = [
     "answer_trajectories",
     "perception_gap",
     "attention_statistics",
-    "plot_focus_curve",
     "plot_focus_curves",
-    "plot_perception_gap",
     "plot_perception_gaps",
     "plot_entropy_histograms",
     "plot_heatmaps",

@@ -82,7 +82,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"{name}: {err}") from err
     import torch
 
-    from analysis_lavit import attention_analysis, focus_summary, load_spacy
+    from analysis_lavit import attention_analysis, load_spacy
     from builder_lavit import answer_matches
     from data_lavit import load_lavit_dataset
 
@@ -95,7 +95,9 @@ def main(argv=None) -> None:
             "examples/build_lavit_dataset.py writes it next to `kept`."
         ) from err
     flags = everything.select_columns(["s_focus", "correct"])
-    focus_summary(flags["s_focus"], flags["correct"], args.thresholds)  # no flagged sample: an error before loading
+    if all(focus is None for focus in flags["s_focus"]):
+        raise SystemExit("No sample of the dataset's `all` config has an S_focus (none has a key-region box), so "
+                         "Figure 2 has nothing to draw; build the dataset from Visual-CoT samples with boxes.")
 
     rows = everything.select(range(min(args.num_samples, len(everything))))
     if len(rows) == 0:
@@ -116,9 +118,10 @@ def main(argv=None) -> None:
         thresholds=args.thresholds, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, nlp=nlp,
         progress=not args.no_progress)
     figure3 = result["perception_gap"].get("student")
-    report = {"figure2": result["figure2"]["teacher"], "table2": result["per_model"], "figures": result["figures"],
+    report = {"figure2": result["figure2"]["teacher"],
               "figure3": {**figure3, "word_categories": "spaCy" if nlp is not None else "shipped lexicon"}
-              if figure3 else None}
+              if figure3 else None,
+              "table2": result["per_model"], "figures": result["figures"]}
 
     with open(os.path.join(args.output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -142,7 +145,7 @@ def render_markdown(report: dict) -> str:
     gap = report["figure3"]
     if gap:
         compared = {"concept_head": "through the concept head", "direct": "directly",
-                    None: "not at all (widths differ)"}[gap["cosine_through"]]
+                    None: "not at all (widths differ)"}.get(gap["cosine_through"], gap["cosine_through"])
         lines += ["## Figure 3: the perception gap", "",
                   f"Hidden states compared {compared}; word categories from the {gap['word_categories']}.", "",
                   "| category | tokens | KL(teacher \\|\\| student) | cosine distance |", "|---|---|---|---|"]

@@ -242,16 +242,26 @@ def test_attention_analysis_reads_each_model_with_its_rows(tiny_base_dir, lavit_
 def test_attention_analysis_refuses_what_it_cannot_draw(lavit_model, processor, tmp_path):
     models = {"student": (lavit_model, processor, "response")}
     boxes = [None, None]
+    out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"names models it was not given: \['teacher'\]"):
-        attention_analysis(models, IMAGES, QUESTIONS, boxes, tmp_path, responses=["a", "b"],
+        attention_analysis(models, IMAGES, QUESTIONS, boxes, out, responses=["a", "b"],
                            gaps={"gap": ("teacher", "student")})
     with pytest.raises(ValueError, match="need the references"):
-        attention_analysis(models, IMAGES, QUESTIONS, boxes, tmp_path, pooled_lines={"line": ["student"]})
+        attention_analysis(models, IMAGES, QUESTIONS, boxes, out, pooled_lines={"line": ["student"]})
     with pytest.raises(ValueError, match="pass `responses`"):
-        attention_analysis(models, IMAGES, QUESTIONS, boxes, tmp_path, gaps={"gap": ("student", "student")})
+        attention_analysis(models, IMAGES, QUESTIONS, boxes, out, gaps={"gap": ("student", "student")})
     with pytest.raises(ValueError, match="needs a judge"):
-        attention_analysis(models, IMAGES, QUESTIONS, boxes, tmp_path, references=["a", "b"], progress=False)
-    assert not any(tmp_path.iterdir())  # refused before anything was written
+        attention_analysis(models, IMAGES, QUESTIONS, boxes, out, references=["a", "b"], progress=False)
+    with pytest.raises(ValueError, match="2 images but 1 references: give one per sample"):
+        attention_analysis(models, IMAGES, QUESTIONS, boxes, out, references=["a"], judge=str.__eq__)
+    with pytest.raises(ValueError, match=r"labels \['line'\] are both a given line and a pooled one"):
+        attention_analysis(models, IMAGES, QUESTIONS, boxes, out, references=["a", "b"], judge=str.__eq__,
+                           focus_lines={"line": ([0.1], [True])}, pooled_lines={"line": ["student"]})
+    assert not out.exists()  # refused before a model ran or anything was written
+    # no heatmap asked: Figure 5 is not drawn (nor listed), the rest is
+    result = attention_analysis(models, IMAGES, QUESTIONS, boxes, out, heatmaps=0, max_new_tokens=2, progress=False)
+    assert result["figures"] == ["figure4_entropy.png"] and sorted(p.name for p in out.iterdir()) == result["figures"]
+    assert result["per_model"]["student"]["s_focus"] is None  # no sample has a box
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,6 +303,10 @@ def test_example_writes_every_figure_and_consistent_tables(tiny_base_dir, lavit_
         assert float(cells[6]) == pytest.approx(stats["entropy"]["mean"], abs=5e-5)
     assert set(report["table2"]) == {"teacher", "student", "base"}
     assert report["figure2"]["samples"] == 6
+    assert list(report) == ["figure2", "figure3", "table2", "figures"]  # the report's shape
+    for name, stats in report["table2"].items():  # each model's own answers judged against the dataset's
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| {name} |"))
+        assert row.strip("|").split("|")[-1].strip() == f"{stats['accuracy']:.1f}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
