@@ -71,7 +71,8 @@ class GroundingCollator:
             word = referring_word(row["question"])
             hits = (batch["input_ids"][sample] == self.word_id(word)).nonzero()
             if len(hits) != 1:
-                raise ValueError(f"The colour word {word!r} occurs {len(hits)} times in sample {sample}'s tokens, not once.")
+                raise ValueError(f"The colour word {word!r} occurs {len(hits)} times in sample {sample}'s tokens, "
+                                 "not once.")
             query[sample, 0] = hits[0, 0]
             mask = torch.from_numpy(box_to_token_mask(row["box"], row["image"].size, grid).reshape(-1))
             target[sample, : mask.numel()] = mask.float() / mask.sum()

@@ -1,16 +1,18 @@
 # Copyright 2026 The LaViT developers. Licensed under the Apache License, Version 2.0.
-"""The quickstart's stage runner: LaViT end to end on a CPU. A synthetic grounding task where looking at the right
-place decides the answer (`synthetic_lavit`), a tiny teacher trained on it (with a grounding loss standing in for a
-large pretrained teacher's grounding, `grounding_lavit`), its signals extracted and filtered by the real builder, a
-student base pre-trained to see sizes (but not to find the named object), Naive-SFT and LaViT students trained from it
-on the same limited data over several seeds, every model evaluated by the harness (latent modes included), the
-attention analysis (`analysis_lavit.attention_analysis`), and an honest report (`report_lavit`).
+"""LaViT end to end on a CPU: a synthetic grounding task where looking at the right place decides the answer, a tiny
+teacher trained on it (with a grounding loss standing in for a large pretrained teacher's grounding), its signals
+extracted and filtered by the real builder, a student base pre-trained to see sizes (but not to find the named
+object), Naive-SFT and LaViT students trained from it on the same limited data over several seeds, every model
+evaluated by the harness (latent modes included), the attention analysis, and an honest report.
+
+This module is the stage runner: the arguments and the stages. The task is `synthetic_lavit`, the teacher's grounding
+loss `grounding_lavit`, the analysis `analysis_lavit.attention_analysis`, the report `report_lavit`.
 
 Every stage runs through the project's own code (the Visual-CoT reader, `convert_qwen2_5_vl_to_lavit`, the LaViT-15K
 builder, `LavitSFTTrainer`, the evaluation harness, the analysis) and keeps its artefacts under --output-dir; a
 finished stage is not run again. Tested with (2 CPU cores):
 
-    python examples/quickstart.py --output-dir quickstart_output     # the default run (make demo), ~16 minutes
+    python examples/quickstart.py --output-dir quickstart_output     # the default run (make demo), 10-16 minutes
     python examples/quickstart.py --output-dir quickstart_output --ablations   # adds Table 3's rows, ~6 minutes more
     python examples/quickstart.py --output-dir quickstart-smoke --smoke   # every stage at toy size, under a minute
 """
@@ -158,7 +160,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the students' batch (their data are the few hundred samples the filter kept)")
     parser.add_argument("--teacher-lr", type=float, default=1e-3)
     parser.add_argument("--teacher-grounding-weight", type=float, default=1.0,
-                        help="weight of the teacher's grounding loss (GroundedSFTTrainer below); 0: plain SFT")
+                        help="weight of the teacher's grounding loss (grounding_lavit.GroundedSFTTrainer); 0: plain "
+                             "SFT")
     parser.add_argument("--student-lr", type=float, default=DEFAULT_LR["student_lr"],
                         help="learning rate of LaViT (and its ablations) and of the student base's pre-training")
     parser.add_argument("--naive-lr", type=float, default=DEFAULT_LR["naive_lr"],

@@ -1,8 +1,8 @@
 # Copyright 2026 The LaViT developers. Licensed under the Apache License, Version 2.0.
-"""The quickstart's report: `summarise` gathers every number of a finished run's stages into `results.json`,
-`render_report` writes `report.md` from it (the task and the teacher, the results table, LaViT's latent modes, Table 3's
-ablations, the validation curves, a verdict in plain sentences, the figures, the stage times). The tables and the
-verdict are also what benchmarks/record_quickstart.py copies into benchmarks/RESULTS.md.
+"""The quickstart's report: `summarise` gathers every number of a finished run's stages (what becomes
+`results.json`), `render_report` renders `report.md` from them (the task and the teacher, the results table, LaViT's
+latent modes, Table 3's ablations, the validation curves, a verdict in plain sentences, the figures, the stage
+times). The tables and the verdict are also what benchmarks/record_quickstart.py copies into benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -258,9 +258,9 @@ def teacher_paragraph(results: dict) -> str:
     if not teacher["grounding_weight"]:
         training = "plain supervised fine-tuning"
     else:
-        training = (f"supervised fine-tuning with a grounding loss (weight {teacher['grounding_weight']:g}: the KL from "
-                    "the key object's cell to its first layer's attention at the question's colour word, standing in "
-                    "for the grounding a large pretrained teacher brings; the students never see the boxes, see "
+        training = (f"supervised fine-tuning with a grounding loss (weight {teacher['grounding_weight']:g}: the KL "
+                    "from the key object's cell to its first layer's attention at the question's colour word, standing "
+                    "in for the grounding a large pretrained teacher brings; the students never see the boxes, see "
                     "GroundedSFTTrainer in grounding_lavit.py)")
     if teacher["val_accuracy"] < teacher["target"]:
         reached = (f", short of the {teacher['target']:.0f}% target: its answers, gaze and semantics are those of a "
@@ -270,8 +270,8 @@ def teacher_paragraph(results: dict) -> str:
     if not pretrain:
         start = ". Both start from the same random student base."
     else:
-        start = (f" and starts from the same base pre-trained for {pretrain['steps']} steps on scenes whose objects all "
-                 "have the asked size (seeing sizes without finding the named object), which answers "
+        start = (f" and starts from the same base pre-trained for {pretrain['steps']} steps on scenes whose objects "
+                 "all have the asked size (seeing sizes without finding the named object), which answers "
                  f"{pretrain['val_accuracy']:.1f}% of the validation questions.")
     return (f"The teacher ({parameters['teacher']:,} parameters) reached {teacher['val_accuracy']:.1f}% on validation "
             f"after {teacher['steps']} steps of {training}{reached} Each student has {parameters['student']:,} "
@@ -372,6 +372,7 @@ def render_report(results: dict) -> str:
     lines += ["", "## Stage times (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in results["stage_seconds"].items()]
     return "\n".join(lines) + "\n"
+
 
 __all__ = ["DEFAULT_LR", "LATENT_MODE_MEANING", "ablations_table", "curves_table", "fmt", "mean_std", "modes_table",
            "render_report", "results_table", "summarise", "verdict"]

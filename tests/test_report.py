@@ -106,6 +106,9 @@ def test_report_shows_the_summary_numbers(tmp_path):
     assert "| 20 | 51.0 ± 1.0 | 51.0 ± 1.0 |" in report  # both curves: 50 and 52 at step 20
     assert "GroundedSFTTrainer in grounding_lavit.py" in report
     assert "Naive SFT 50.0, 60.0; LaViT 70.0, 75.0." in report
+    assert "learning rate 0.001 for LaViT and 0.0005 for Naive SFT, each chosen on validation)" in report
+    assert "above the 90% target" in report
+    assert "Their answers by option: A 20, B 40, C 30, D 30 (the difficulty" in report
     assert "rejected as correctness: 50, difficulty: 30" in report and "Smoke run" not in report
     assert "| analysis | 1.5 |" in report
     without = render_report(summarise(args_for(2, tmp_path), stages_of([50.0, 60.0], [70.0, 75.0], [40.0, 70.0])))
@@ -118,3 +121,21 @@ def test_fmt_and_mean_std_show_no_number_where_there_is_none():
     assert fmt(mean_std([0.25]), scale=100, digits=0) == "25"
     assert fmt({"mean": math.nan, "std": 0.0, "n": 2}) == "—"
     assert mean_std([1.0, None, 3.0])["values"] == [1.0, 3.0]
+
+
+def test_report_describes_a_plain_teacher_short_of_its_target_and_a_random_start(tmp_path):
+    args = parse_args(["--output-dir", str(tmp_path / "run"), "--seeds", "2", "--teacher-grounding-weight", "0",
+                       "--student-lr", "2e-3"])
+    stages = stages_of([50.0, 60.0], [70.0, 75.0], [40.0, 70.0], teacher=80.0)
+    stages["student"] = {"pretrain": None, "_seconds": 1.0}
+    stages["dataset"].update(filter_stages=["correctness"], kept_answers=None)
+    report = render_report(summarise(args, stages))
+    assert "after 1000 steps of plain supervised fine-tuning, short of the 90% target" in report
+    assert "grounding loss (weight" not in report
+    assert "Both start from the same random student base." in report
+    assert "with the filter stages correctness (S_focus threshold 0.15" in report
+    assert "Both students train on the kept samples only." in report and "Their answers by option" not in report
+    assert "learning rate 0.002 for LaViT and 0.0005 for Naive SFT) on those samples" in report  # not the chosen ones
+    smoke = render_report(summarise(parse_args(["--output-dir", str(tmp_path / "smoke"), "--smoke"]),
+                                    stages_of([50.0, 60.0], [70.0, 75.0], [40.0, 70.0])))
+    assert smoke.startswith("# LaViT quickstart report\n\n**Smoke run**")
