@@ -172,39 +172,53 @@ def test_a_naive_sft_student_is_described_and_exported_as_one(trained, tmp_path,
 
 class FakeHub:
     """The Hub's side of the calls examples/push_lavit.py makes, kept in memory (repos of branches of files), so that
-    the upload's logic runs as written without a network: what a revision holds after each push."""
+    the upload's logic runs as written without a network: what a revision holds after each push. Every call is bound
+    to the real `HfApi` method's signature first, so an argument the real method does not take fails here too."""
 
     def __init__(self):
         self.repos: dict[str, dict[str, dict[str, bytes]]] = {}
         self.created: list[tuple[str, bool]] = []
 
     def api_class(self):
-        from huggingface_hub import CommitOperationDelete
+        import inspect
+
+        from huggingface_hub import CommitOperationDelete, HfApi
 
         hub = self
 
+        def bound(method: str, args, kwargs) -> dict:
+            call = inspect.signature(getattr(HfApi, method)).bind(None, *args, **kwargs)
+            call.apply_defaults()
+            return call.arguments
+
         class Api:
-            def create_repo(self, repo_id, repo_type="model", private=False, exist_ok=False):
-                assert repo_type == "model" and (exist_ok or repo_id not in hub.repos)
-                hub.created.append((repo_id, private))
-                hub.repos.setdefault(repo_id, {"main": {".gitattributes": b"*.safetensors filter=lfs\n"}})
+            def create_repo(self, *args, **kwargs):
+                call = bound("create_repo", args, kwargs)
+                repo = call["repo_id"]
+                assert call["repo_type"] == "model" and (call["exist_ok"] or repo not in hub.repos)
+                hub.created.append((repo, call["private"]))
+                hub.repos.setdefault(repo, {"main": {".gitattributes": b"*.safetensors filter=lfs\n"}})
 
-            def create_branch(self, repo_id, branch, exist_ok=False):
-                hub.repos[repo_id].setdefault(branch, dict(hub.repos[repo_id]["main"]))  # a branch starts at main
+            def create_branch(self, *args, **kwargs):
+                call = bound("create_branch", args, kwargs)
+                branches = hub.repos[call["repo_id"]]
+                branches.setdefault(call["branch"], dict(branches["main"]))  # a branch starts at main
 
-            def list_repo_files(self, repo_id, revision=None):
-                return sorted(hub.repos[repo_id][revision or "main"])
+            def list_repo_files(self, *args, **kwargs):
+                call = bound("list_repo_files", args, kwargs)
+                return sorted(hub.repos[call["repo_id"]][call["revision"] or "main"])
 
-            def create_commit(self, repo_id, operations, revision=None, commit_message=""):
-                files = hub.repos[repo_id][revision or "main"]
-                for operation in operations:
+            def create_commit(self, *args, **kwargs):
+                call = bound("create_commit", args, kwargs)
+                files = hub.repos[call["repo_id"]][call["revision"] or "main"]
+                for operation in call["operations"]:
                     if isinstance(operation, CommitOperationDelete):
                         del files[operation.path_in_repo]
                     else:
                         source = operation.path_or_fileobj
                         data = source if isinstance(source, bytes) else Path(source).read_bytes()
                         files[operation.path_in_repo] = data
-                return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/fake"})()
+                return type("Commit", (), {"commit_url": f"https://huggingface.co/{call['repo_id']}/commit/fake"})()
 
         return Api
 
@@ -231,3 +245,8 @@ def test_a_push_leaves_each_revision_holding_exactly_what_loads(trained, monkeyp
     assert json.loads(stock["config.json"])["model_type"] == "qwen2_5_vl"
     assert "custom_code" not in front_matter(stock["README.md"].decode())["tags"]
     assert set(hub.repos["you/lavit-tiny"]["main"]) == EXPECTED  # main as the first push left it
+    # a new repo for the stock export: created public, its .gitattributes kept beside the upload
+    push(base_args(trained, "--stock-repo", "you/lavit-tiny-stock"))
+    fresh = hub.repos["you/lavit-tiny-stock"]["main"]
+    assert hub.created[-1] == ("you/lavit-tiny-stock", False)
+    assert set(fresh) == set(stock) | {".gitattributes"} and fresh["model.safetensors"] == stock["model.safetensors"]
