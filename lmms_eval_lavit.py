@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from cli_lavit import checkpoint_model_type
 from evaluation_lavit import LATENT_MODES, generate_texts
 from processing_lavit import user_turn
 
@@ -65,6 +66,12 @@ class LavitLmms(LmmsBase):
 
         if latent_mode not in LATENT_MODES:
             raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}.")
+        model_type = checkpoint_model_type(pretrained)  # before any weight, and before a stock processor's imports
+        if model_type != "lavit":
+            raise ValueError(
+                f"{pretrained} is a {model_type!r} checkpoint, not a LaViT one: evaluate a stock Qwen2.5-VL with "
+                "lmms-eval's own qwen2_5_vl model, or convert it first (examples/convert_qwen2_5_vl.py)."
+            )
         if kwargs:
             logger.warning("LavitLmms ignores the model_args %s", sorted(kwargs))
         self.device_name = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -323,3 +323,12 @@ def test_lmms_eval_model_class(lavit_dir, lavit_model, processor, tmp_path):
         lmms.loglikelihood(requests)
     with pytest.raises(ValueError, match="latent_mode must be one of"):
         LavitLmms(pretrained=lavit_dir, latent_mode="sideways")
+
+
+def test_lmms_eval_model_class_names_a_stock_checkpoint(tiny_base_dir, tmp_path):
+    from lmms_eval_lavit import LavitLmms
+
+    with pytest.raises(ValueError, match=r"is a 'qwen2_5_vl' checkpoint, not a LaViT one: .*convert it first"):
+        LavitLmms(pretrained=tiny_base_dir)
+    with pytest.raises(ValueError, match=r"does not exist \(and it is not a Hub id"):
+        LavitLmms(pretrained=str(tmp_path / "no" / "such"))

@@ -68,7 +68,7 @@ MAY_IMPORT = {
     "builder_lavit": {"cli_lavit", "data_lavit", "modeling_lavit", "teacher_lavit"},
     "trainer_lavit": {"cli_lavit", "configuration_lavit", "data_lavit", "modeling_lavit", "processing_lavit"},
     "evaluation_lavit": {"cli_lavit", "data_lavit", "modeling_lavit", "processing_lavit"},
-    "lmms_eval_lavit": {"evaluation_lavit", "processing_lavit"},
+    "lmms_eval_lavit": {"cli_lavit", "evaluation_lavit", "processing_lavit"},
     "analysis_lavit": {"data_lavit", "teacher_lavit"},
     "publishing_lavit": {"configuration_lavit", "data_lavit", "evaluation_lavit", "modeling_lavit",
                          "processing_lavit"},
