@@ -16,13 +16,12 @@ import tempfile
 import time
 
 import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from common import benchmark_parser, interleaved_times, report
-
 from bench_forward import prepare_checkpoints
 from modeling_lavit import LavitForConditionalGeneration
 from processing_lavit import LavitProcessor
-from transformers import Qwen2_5_VLForConditionalGeneration
 
 GOAL_VS_STOCK = 1.05
 

@@ -30,15 +30,14 @@ import tempfile
 import numpy as np
 import torch
 from PIL import Image
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from common import benchmark_parser, interleaved_times, report, steady_peak
-
 from data_lavit import write_parquet_atomic
 from modeling_lavit import enable_lavit_attention
 from processing_lavit import LavitBaseProcessor
 from teacher_lavit import extract_teacher_signals, teacher_forced_inputs
 from testing_lavit import tiny_image_processor, tiny_qwen2_5_vl_config, train_tiny_tokenizer
-from transformers import Qwen2_5_VLForConditionalGeneration
 
 # (image width, height in pixels, question words): ~70% image tokens of about 500, 1000 and 2000 tokens
 LENGTHS = {500: (560, 560, 60), 1000: (784, 700, 120), 2000: (1120, 980, 250)}

@@ -19,14 +19,13 @@ import tempfile
 import numpy as np
 import torch
 from PIL import Image
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from common import benchmark_parser, interleaved_times, report, steady_peak
-
 from conversion_lavit import convert_qwen2_5_vl_to_lavit, export_to_qwen2_5_vl
 from modeling_lavit import LavitForConditionalGeneration
 from processing_lavit import LavitProcessor
 from testing_lavit import tiny_image_processor, tiny_qwen2_5_vl_config, train_tiny_tokenizer
-from transformers import Qwen2_5_VLForConditionalGeneration
 
 GOAL = 1.10
 

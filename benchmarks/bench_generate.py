@@ -15,13 +15,12 @@ import tempfile
 import numpy as np
 import torch
 from PIL import Image
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from common import benchmark_parser, interleaved_times, report
-
 from bench_forward import prepare_checkpoints
 from modeling_lavit import LavitForConditionalGeneration
 from processing_lavit import LavitProcessor
-from transformers import Qwen2_5_VLForConditionalGeneration
 
 GOAL = 1.05
 

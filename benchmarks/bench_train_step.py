@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 
 from common import benchmark_parser, interleaved_times, report, steady_peak
-
 from bench_forward import prepare_checkpoints
 from modeling_lavit import LavitForConditionalGeneration, concept_loss, trajectory_loss
 from processing_lavit import LavitProcessor

@@ -22,9 +22,7 @@ import numpy as np
 from PIL import Image
 
 from common import interleaved_times, report
-
-from data_lavit import commit_shard, load_lavit_dataset, verify_lavit_folder, write_manifest
-from data_lavit import write_parquet_atomic
+from data_lavit import commit_shard, load_lavit_dataset, verify_lavit_folder, write_manifest, write_parquet_atomic
 
 GOAL = 1.0
 
