@@ -19,6 +19,7 @@ a source, so samples are keyed on (`dataset`, `question_id`).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -412,8 +413,6 @@ SHARD_FOLDERS = (("kept", ".parquet"), ("all", ".parquet"), ("rejections", ".jso
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -553,10 +552,24 @@ def verify_lavit_folder(folder: str | os.PathLike, config: str = "kept") -> dict
     return manifest
 
 
-def load_lavit_dataset(path: str | os.PathLike, config: str = "kept"):
+def lavit_cache_key(manifest: dict[str, Any], config: str) -> str:
+    """A name for the content of a verified folder's `config`: the sha256 of its files' recorded sha256s (the
+    manifest just checked against the files), so that a folder rebuilt or replaced under the same name gets another
+    key and never the old rows."""
+    digests = sorted((relative, entry["sha256"]) for record in manifest["shards"].values()
+                     for relative, entry in record["files"].items() if relative.startswith(f"{config}/"))
+    return hashlib.sha256(json.dumps(digests).encode("utf-8")).hexdigest()[:32]
+
+
+def load_lavit_dataset(path: str | os.PathLike, config: str = "kept", cache_dir: str | os.PathLike | None = None):
     """Loads LaViT-15K (`config` `"kept"`: the training set, `"all"`: every processed sample with its flags) from a
     local folder or a hub id, as a `datasets.Dataset` with decoded PIL images. A local folder is verified first
-    (`verify_lavit_folder`): an unfinished, damaged or altered build is refused with the fix."""
+    (`verify_lavit_folder`): an unfinished, damaged or altered build is refused with the fix.
+
+    A local folder is read into Arrow files under `cache_dir` (default: the datasets cache) and memory-mapped, as
+    `load_dataset` does: the processes of a multi-GPU run share one copy through the page cache instead of each
+    holding the dataset in memory. The cache is named for the folder's content (`lavit_cache_key`), not its path: a
+    rebuilt folder is read as it is now."""
     from datasets import load_dataset
 
     if config not in ("kept", "all"):
@@ -568,20 +581,19 @@ def load_lavit_dataset(path: str | os.PathLike, config: str = "kept"):
                 "examples/build_lavit_dataset.py --output-dir <folder>."
             )
         return load_dataset(str(path), config, split="train")
-    verify_lavit_folder(path, config)
+    manifest = verify_lavit_folder(path, config)
     shards = sorted(Path(path, config).glob("*.parquet"))
     if not shards:
         raise ValueError(
             f"{path} has no '{config}' rows (every sample of the build was rejected); see its README.md for why."
         )
-    # A local folder is read as it is now, not through the datasets cache: that cache keys a local folder by its
-    # name and config alone, so a folder rebuilt (or another folder of the same name) would return stale rows.
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from datasets import Dataset
+    from datasets import config as datasets_config
 
-    return Dataset(pa.concat_tables([pq.read_table(shard) for shard in shards]))
-
+    root = Path(cache_dir if cache_dir is not None else datasets_config.HF_DATASETS_CACHE)
+    # processes that load at once take datasets' lock on this folder: one writes the Arrow files, the rest read them
+    return Dataset.from_parquet([str(shard) for shard in shards], split="train",
+                                cache_dir=str(root / "lavit15k" / f"{config}-{lavit_cache_key(manifest, config)}"))
 
 __all__ = [
     "VisualCoTSample",
@@ -601,5 +613,6 @@ __all__ = [
     "check_shard",
     "write_manifest",
     "verify_lavit_folder",
+    "lavit_cache_key",
     "load_lavit_dataset",
 ]

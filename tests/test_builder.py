@@ -110,6 +110,29 @@ def test_a_rebuilt_folder_is_read_as_it_is_now(reference, tmp_path):
     assert second[0]["image"].__class__.__module__.startswith("PIL")
 
 
+def test_a_folder_is_read_memory_mapped_under_a_name_for_its_content(reference, tmp_path):
+    """Every process of a multi-GPU run shares one memory-mapped copy; the copy is named for the files' content."""
+    import pyarrow as pa
+
+    from data_lavit import lavit_cache_key, verify_lavit_folder
+
+    out, _ = reference
+    cache = tmp_path / "cache"
+    loaded = load_lavit_dataset(out, "all", cache_dir=cache)
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((out / "all").glob("*.parquet"))])
+    assert loaded["id"] == table.column("id").to_pylist()
+    assert loaded.data.column("gaze").to_pylist() == table.column("gaze").to_pylist()
+    key = lavit_cache_key(verify_lavit_folder(out, "all"), "all")
+    assert loaded.cache_files and all(Path(f["filename"]).is_relative_to(cache / "lavit15k" / f"all-{key}")
+                                      for f in loaded.cache_files)  # Arrow files on disk, not rows in memory
+    # the cache is named for the content: the same files elsewhere land under the same name, with the same rows
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    again = load_lavit_dataset(moved, "all", cache_dir=cache)
+    assert again["id"] == loaded["id"] and {p.name for p in (cache / "lavit15k").iterdir()} == {f"all-{key}"}
+    assert lavit_cache_key(verify_lavit_folder(out, "kept"), "kept") != key  # each config its own
+
+
 def test_killed_build_resumes_to_the_same_rows(reference, tiny_base_dir, viscot, tmp_path):
     out = tmp_path / "lavit15k"
     args = [sys.executable, *cli(tiny_base_dir, viscot, out, "--stages", "alignment", "--focus-threshold", "0.1")]
