@@ -662,6 +662,9 @@ def main(argv=None) -> str:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()  # the first load of a LaViT-15K folder writes its Arrow copy: not a stage's bar
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
