@@ -595,6 +595,7 @@ def load_lavit_dataset(path: str | os.PathLike, config: str = "kept", cache_dir:
     return Dataset.from_parquet([str(shard) for shard in shards], split="train",
                                 cache_dir=str(root / "lavit15k" / f"{config}-{lavit_cache_key(manifest, config)}"))
 
+
 __all__ = [
     "VisualCoTSample",
     "SkippedRecord",
