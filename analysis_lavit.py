@@ -221,21 +221,29 @@ def attention_maps(model, processor, images, questions, response_ids, rows: str 
 
 
 def answer_trajectories(model, processor, images, questions, max_new_tokens: int = 32, rows: str = "response",
-                        batch_size: int = 4) -> dict[str, list]:
+                        batch_size: int = 4, generated: dict[str, list] | None = None) -> dict[str, list]:
     """Generates each sample's answer greedily, then reads its attention map for `rows` (the answer, or the latents).
 
-    Returns `{"maps", "grids", "answers"}`.
+    Args:
+        generated: an earlier result of this function for the same model, processor and samples: its answers are
+            read again with `rows` instead of being generated again (a LaViT student's answer rows, then its latents).
+    Returns `{"maps", "grids", "answers", "answer_ids"}`.
     """
-    maps, grids, answers = [], [], []
+    maps, grids, answers, answer_ids = [], [], [], []
     for start in range(0, len(images), batch_size):
-        batch_images, batch_questions = images[start : start + batch_size], questions[start : start + batch_size]
-        texts, ids = generate_answers(model, processor, batch_questions, batch_images, max_new_tokens)
-        ids = [i if i else [_end_id(processor)] for i in ids]
+        batch = slice(start, start + batch_size)
+        batch_images, batch_questions = images[batch], questions[batch]
+        if generated is None:
+            texts, ids = generate_answers(model, processor, batch_questions, batch_images, max_new_tokens)
+            ids = [i if i else [_end_id(processor)] for i in ids]
+        else:
+            texts, ids = generated["answers"][batch], generated["answer_ids"][batch]
         batch_maps, batch_grids = attention_maps(model, processor, batch_images, batch_questions, ids, rows)
         maps += batch_maps
         grids += batch_grids
         answers += texts
-    return {"maps": maps, "grids": grids, "answers": answers}
+        answer_ids += ids
+    return {"maps": maps, "grids": grids, "answers": answers, "answer_ids": answer_ids}
 
 
 def perception_gap(teacher, teacher_processor, student, student_processor, images, questions, responses,
@@ -452,17 +460,18 @@ def focus_summary(focus: Sequence, correct: Sequence[bool], thresholds: Sequence
 
 
 def model_attention(model, processor, rows: str, images, questions, boxes, references=None, judge=None,
-                    max_new_tokens: int = 32, batch_size: int = 4) -> dict[str, Any]:
-    """One model's attention while it answers (`answer_trajectories` with `rows`), each sample's S_focus on its box
-    and entropy, and, given the `references` and a `judge(answer, reference) -> bool`, whether each answer is right.
+                    max_new_tokens: int = 32, batch_size: int = 4, generated: dict | None = None) -> dict[str, Any]:
+    """One model's attention while it answers (`answer_trajectories` with `rows`, reusing the answers of `generated`
+    when given), each sample's S_focus on its box and entropy, and, given the `references` and a
+    `judge(answer, reference) -> bool`, whether each answer is right.
 
-    Returns the trajectories (`maps`, `grids`, `answers`) with `focus`, `entropies`, `correct` (None without
+    Returns the trajectories (`maps`, `grids`, `answers`, `answer_ids`) with `focus`, `entropies`, `correct` (None without
     references) and `statistics`: Table 2's `attention_statistics`, the mean `s_focus` over the samples with a box
     (None without any), `rows` and, with references, `accuracy` (%) over every sample.
     """
     if references is not None and judge is None:
         raise ValueError("Judging the answers against references needs a judge(answer, reference) -> bool.")
-    run = answer_trajectories(model, processor, images, questions, max_new_tokens, rows, batch_size)
+    run = answer_trajectories(model, processor, images, questions, max_new_tokens, rows, batch_size, generated)
     focus = focus_of(run["maps"], run["grids"], images, boxes)
     measured = [f for f in focus if f is not None]
     statistics = {**attention_statistics(run["maps"]), "s_focus": float(np.mean(measured)) if measured else None,
@@ -535,9 +544,12 @@ def attention_analysis(models: dict[str, tuple], images, questions, boxes, outpu
     bar = tqdm(total=len(models) + len(gaps), desc="attention analysis", unit="model", disable=not progress,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
     measured = {}
+    answered = {}  # a model listed under two names (other rows) answers once: (model, processor) -> its result
     for name, (model, processor, rows) in models.items():
+        earlier = answered.get((id(model), id(processor)))
         measured[name] = model_attention(model, processor, rows, images, questions, boxes, references, judge,
-                                         max_new_tokens, batch_size)
+                                         max_new_tokens, batch_size, generated=earlier)
+        answered.setdefault((id(model), id(processor)), measured[name])
         bar.update()
     figures = []
     figure2 = {label: focus_summary(focus, correct, thresholds) for label, (focus, correct) in focus_lines.items()}

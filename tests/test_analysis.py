@@ -194,7 +194,14 @@ def test_focus_summary_by_hand():
         focus_summary([0.1, 0.2], [True], [0.0])
 
 
-def test_attention_analysis_reads_each_model_with_its_rows(tiny_base_dir, lavit_model, processor, tmp_path):
+def test_attention_analysis_reads_each_model_with_its_rows(tiny_base_dir, lavit_model, processor, tmp_path,
+                                                            monkeypatch):
+    import analysis_lavit
+
+    generations = []
+    generate = analysis_lavit.generate_answers
+    monkeypatch.setattr(analysis_lavit, "generate_answers",
+                        lambda model, *args, **kwargs: generations.append(model) or generate(model, *args, **kwargs))
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_base_dir).eval()
     base_processor = LavitBaseProcessor.from_pretrained(tiny_base_dir)
     boxes = [[0, 0, 28, 28], None]
@@ -213,6 +220,7 @@ def test_attention_analysis_reads_each_model_with_its_rows(tiny_base_dir, lavit_
         pooled_lines={"both": ["teacher", "student"]}, gaps={"student": ("teacher", "student")},
         shown=["teacher", "student (latents)"], heatmaps=1, thresholds=[0.0, 0.3], max_new_tokens=4, batch_size=2,
         progress=False)
+    assert generations == [base, lavit_model]  # one batch each: the student's latent rows read the answers it gave
     # each model answers greedily and its maps come from the rows it was given, composed here step by step
     for name, (model, model_processor, rows) in models.items():
         run = answer_trajectories(model, model_processor, IMAGES, QUESTIONS, 4, rows, 2)
