@@ -202,6 +202,12 @@ class LavitSFTConfig(SFTConfig):
             Whether the vision encoder is frozen (the language model is trained).
         response_column (`str`, *optional*, defaults to `"answer"`):
             The dataset column the model learns to answer with (`"answer"`, or `"teacher_response"`).
+        cache_preprocessing (`bool`, *optional*, defaults to `False`):
+            Keep each sample's processed form (rendered and tokenized prompt and completion, processed image, teacher
+            targets) in memory after its first batch and reuse it at every later epoch (`PreprocessingCache`); the
+            batches are the same. Pass `preprocessing_cache=` to the trainer to share one cache between trainers.
+        cache_preprocessing_max_gb (`float`, *optional*, defaults to `4.0`):
+            The cache's budget; samples past it are processed at every batch (counted, logged once).
         latent_attention_layers (`str`, *optional*):
             Sets the student's `latent_attention_layers` (the layers L_traj reads the latent tokens' attention from)
             for this training, saved with the model: `"all"` (the paper), `"last_half"`, `"last"`, `"last_<n>"` or
@@ -227,6 +233,12 @@ class LavitSFTConfig(SFTConfig):
     distill: bool = field(default=True, metadata={"help": "False trains the Naive-SFT baseline (no latent tokens)."})
     freeze_vision_tower: bool = field(default=True, metadata={"help": "Freeze the vision encoder."})
     response_column: str = field(default="answer", metadata={"help": "Dataset column holding the target answer."})
+    cache_preprocessing: bool = field(
+        default=False, metadata={"help": "Keep each sample's processed form in memory and reuse it every epoch."}
+    )
+    cache_preprocessing_max_gb: float = field(
+        default=4.0, metadata={"help": "Memory budget of cache_preprocessing, in GB (past it: processed anew)."}
+    )
     latent_attention_layers: str | None = field(
         default=None,
         metadata={"help": "Layers L_traj reads: all (paper), last_half, last, last_<n> or indices '2,3'; default: "
@@ -305,6 +317,8 @@ class LavitSFTConfig(SFTConfig):
             raise ValueError(
                 "remove_unused_columns must be False: the LaViT collator reads the image, question and teacher columns."
             )
+        if not self.cache_preprocessing_max_gb > 0:
+            raise ValueError(f"cache_preprocessing_max_gb must be positive, got {self.cache_preprocessing_max_gb}.")
         if self.latent_attention_layers is not None:
             parse_latent_layers(self.latent_attention_layers)  # the form here; the depth against the model, later
         if self.cuts_trajectory_gradients():
@@ -452,6 +466,97 @@ def decoded_image(image, sample: str):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class PreprocessingCache:
+    """Each sample's processed form, kept in memory the first time a `LavitDataCollator` meets it and reused by every
+    later batch that holds it: later epochs, and other collators given the same cache (the seeds of one experiment).
+
+    What is kept is what TRL's collator makes of the sample alone (its rendered, tokenized prompt and completion,
+    labels, `mm_token_type_ids`, processed image and grid) and, when distilling, its teacher targets; batches are
+    assembled from these by padding only, and equal the uncached batches exactly (tested). A sample is known by its
+    content (image bytes or path, question, response, teacher columns) together with the collator's settings and its
+    processor's, so two collators of different processors never share an entry. Past `max_gb` of kept tensors, new
+    samples are processed each time instead, counted in `over_budget` and logged once.
+
+    A real LaViT-15K image may hold over a thousand visual tokens (a few MB of pixel values each): size `max_gb` to
+    the host's memory, remembering that every DDP process keeps its own cache.
+    """
+
+    def __init__(self, max_gb: float = 4.0):
+        if not max_gb > 0:
+            raise ValueError(f"max_gb must be positive, got {max_gb}.")
+        self.max_bytes = int(max_gb * 2**30)
+        self.entries: dict[bytes, dict[str, torch.Tensor]] = {}
+        self.bytes = 0
+        self.hits = self.misses = self.over_budget = 0
+        self._warned = False
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, key: bytes) -> dict[str, torch.Tensor] | None:
+        item = self.entries.get(key)
+        if item is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return item
+
+    def put(self, key: bytes, item: dict[str, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in item.values())
+        if self.bytes + size > self.max_bytes:
+            self.over_budget += 1
+            if not self._warned:
+                self._warned = True
+                logger.warning("The preprocessing cache is full (%d samples, %.2f GB of max_gb=%.2f); further samples "
+                               "are processed at every batch. Raise cache_preprocessing_max_gb to keep them all.",
+                               len(self.entries), self.bytes / 2**30, self.max_bytes / 2**30)
+            return
+        self.entries[key] = item
+        self.bytes += size
+
+    def stats(self) -> dict[str, int]:
+        """`{"samples", "bytes", "hits", "misses", "over_budget"}`."""
+        return {"samples": len(self.entries), "bytes": self.bytes, "hits": self.hits, "misses": self.misses,
+                "over_budget": self.over_budget}
+
+
+def _content_digest(hasher, value) -> None:
+    """Feeds `value` (bytes, text, a number, an array, an image dict, a PIL image, a list of these) to `hasher`,
+    tagged by kind, so that different values never feed the same bytes."""
+    from PIL import Image
+
+    if value is None:
+        hasher.update(b"N")
+    elif isinstance(value, dict):
+        hasher.update(b"D")
+        for key in sorted(value):
+            _content_digest(hasher, key)
+            _content_digest(hasher, value[key])
+    elif isinstance(value, (bytes, bytearray)):
+        hasher.update(b"B%d:" % len(value))
+        hasher.update(value)
+    elif isinstance(value, str):
+        _content_digest(hasher, value.encode("utf-8"))
+    elif isinstance(value, Image.Image):
+        hasher.update(f"I{value.mode}{value.size}".encode())
+        hasher.update(value.tobytes())
+    elif isinstance(value, os.PathLike):
+        _content_digest(hasher, os.fspath(value))
+    else:  # numbers, lists, arrays
+        array = np.asarray(value)
+        if array.dtype == object:
+            hasher.update(b"L%d:" % len(array))
+            for element in array:
+                _content_digest(hasher, element)
+        else:
+            hasher.update(f"A{array.dtype.str}{array.shape}".encode())
+            hasher.update(np.ascontiguousarray(array).tobytes())
+
+
+# Per-token batch keys of TRL's vision collator and the value that pads each
+_SEQUENCE_PADDING = {"attention_mask": 0, "labels": -100, "mm_token_type_ids": 0, "token_type_ids": 0}
+
+
 class LavitDataCollator:
     """Turns LaViT-15K rows into a training batch.
 
@@ -461,6 +566,10 @@ class LavitDataCollator:
     `teacher_semantics` `(B, D_t)` and `teacher_trajectory` `(B, N)`: each sample's target distribution over its
     student image tokens, right-padded with zeros.
 
+    With a `cache` (`PreprocessingCache`), each sample's processed form is kept the first time it is met (the samples
+    a batch misses are processed together, then split); a batch is then those forms padded together, equal to what
+    TRL's collator makes of the batch.
+
     Args:
         processor: the student's `LavitProcessor`.
         distill: whether to add latent tokens and teacher targets.
@@ -469,6 +578,7 @@ class LavitDataCollator:
         trajectory_topk: k of the trajectory target.
         response_column: the answer column.
         max_length: truncation length of TRL's collator (None: none).
+        cache: a `PreprocessingCache` to keep each sample's processed form in (None: every batch processed anew).
     """
 
     def __init__(
@@ -480,6 +590,7 @@ class LavitDataCollator:
         trajectory_topk: int = 8,
         response_column: str = "answer",
         max_length: int | None = None,
+        cache: PreprocessingCache | None = None,
     ):
         self.processor = processor
         # TRL renders the prompt with the generation prompt: it must not bring the latent tokens itself, or they
@@ -494,14 +605,80 @@ class LavitDataCollator:
         self.teacher_hidden_size = teacher_hidden_size
         self.trajectory_topk = trajectory_topk
         self.response_column = response_column
+        self.max_length = max_length
+        self.cache = cache
+        self._settings_digest = self._settings_fingerprint() if cache is not None else b""
+
+    def _settings_fingerprint(self) -> bytes:
+        """What a sample's processed form depends on besides the sample: this collator's settings and its
+        processor's (template, image processing, vocabulary, latent tokens)."""
+        import hashlib
+
+        tokenizer = self.processor.tokenizer
+        hasher = hashlib.blake2b(digest_size=16)
+        for value in (self.distill, self.semantics_column, self.teacher_hidden_size, self.trajectory_topk,
+                      self.response_column, self.max_length, self.processor.chat_template,
+                      self.processor.image_processor.to_json_string(), type(tokenizer).__name__, len(tokenizer),
+                      tokenizer.pad_token_id, self.processor.latent_string):
+            _content_digest(hasher, str(value))
+        return hasher.digest()
+
+    def _sample_key(self, row: dict[str, Any]) -> bytes:
+        import hashlib
+
+        hasher = hashlib.blake2b(self._settings_digest, digest_size=20)
+        columns = ["image", "question", self.response_column]
+        if self.distill:
+            columns += ["gaze", "gaze_grid", self.semantics_column]
+        for column in columns:
+            _content_digest(hasher, row.get(column))
+        return hasher.digest()
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.cache is None:
+            return self._process(rows)
+        keys = [self._sample_key(row) for row in rows]
+        items = [self.cache.get(key) for key in keys]
+        missing = [b for b, item in enumerate(items) if item is None]
+        if missing:  # processed together, as TRL would, then kept one by one
+            batch = self._process([rows[b] for b in missing], [rows[b].get("id", f"#{b}") for b in missing])
+            for b, item in zip(missing, self._split(batch)):
+                self.cache.put(keys[b], item)
+                items[b] = item
+        return self._assemble(items)
+
+    def _split(self, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        """Each sample's part of a processed batch, as TRL's collator makes it of the sample alone: its sequence
+        without the right padding, its image's pixel rows and grid, its trajectory target without the zeros that pad
+        it to the widest image."""
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        patches = batch["image_grid_thw"].prod(dim=1).tolist()
+        starts = np.cumsum([0] + patches).tolist()
+        grids = merged_token_grids(batch["image_grid_thw"], self.processor.image_processor.merge_size)
+        items = []
+        for b, length in enumerate(lengths):
+            item = {}
+            for key, value in batch.items():
+                if key == "input_ids" or key in _SEQUENCE_PADDING:
+                    item[key] = value[b : b + 1, :length].clone()
+                elif key == "pixel_values":
+                    item[key] = value[starts[b] : starts[b + 1]].clone()
+                elif key == "teacher_trajectory":
+                    item[key] = value[b : b + 1, : grids[b][0] * grids[b][1]].clone()
+                else:
+                    item[key] = value[b : b + 1].clone()
+            items.append(item)
+        return items
+
+    def _process(self, rows: list[dict[str, Any]], names: list[str] | None = None) -> dict[str, Any]:
+        """TRL's batch of `rows`, plus the teacher targets when distilling; `names` name the samples in errors."""
+        names = names or [row.get("id", f"#{b}") for b, row in enumerate(rows)]
         examples = [
             self.processor.to_prompt_completion(
-                [decoded_image(row["image"], row.get("id", f"#{b}"))], row["question"], row[self.response_column],
+                [decoded_image(row["image"], name)], row["question"], row[self.response_column],
                 use_latent_tokens=self.distill,
             )
-            for b, row in enumerate(rows)
+            for name, row in zip(names, rows)
         ]
         batch = self.vision_collator(examples)
         if not self.distill:
@@ -510,8 +687,7 @@ class LavitDataCollator:
         width = max(r * c for r, c in grids)
         trajectory = torch.zeros(len(rows), width)
         semantics = []
-        for b, (row, grid) in enumerate(zip(rows, grids)):
-            sample = row.get("id", f"#{b}")
+        for b, (row, grid, sample) in enumerate(zip(rows, grids, names)):
             gaze = np.asarray(row["gaze"], dtype=np.float32)
             teacher_grid = tuple(int(v) for v in row["gaze_grid"])
             problem = gaze_problem(gaze, teacher_grid)  # datasets scanned up front; streamed rows checked here
@@ -535,6 +711,27 @@ class LavitDataCollator:
         batch["teacher_trajectory"] = trajectory
         return batch
 
+    def _assemble(self, items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """One batch from single-sample batches, as TRL's collator lays a batch out: every sequence starts at
+        position 0 and is right-padded (pad token, attention 0, label -100, token type 0) to the longest; images and
+        per-sample rows are concatenated; trajectory targets right-padded with zeros."""
+        from transformers import BatchFeature
+
+        width = max(item["input_ids"].shape[1] for item in items)
+        padding = {"input_ids": self.processor.tokenizer.pad_token_id, **_SEQUENCE_PADDING}
+        batch = {}
+        for key in items[0]:
+            values = [item[key] for item in items]
+            if key in padding:
+                batch[key] = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1]), value=padding[key])
+                                        for v in values])
+            elif key == "teacher_trajectory":
+                wide = max(v.shape[1] for v in values)
+                batch[key] = torch.cat([torch.nn.functional.pad(v, (0, wide - v.shape[1])) for v in values])
+            else:
+                batch[key] = torch.cat(values)
+        return BatchFeature(batch)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Trainer
@@ -555,11 +752,24 @@ class LavitSFTTrainer(SFTTrainer):
     _tag_names = ["trl", "sft", "lavit"]
 
     def __init__(self, model, args: LavitSFTConfig | None = None, train_dataset=None, processing_class=None,
-                 data_collator=None, callbacks=None, **kwargs):
+                 data_collator=None, callbacks=None, preprocessing_cache: PreprocessingCache | None = None, **kwargs):
         if args is None:
             args = LavitSFTConfig("lavit-sft")
         if not isinstance(args, LavitSFTConfig):
             raise TypeError(f"args must be a LavitSFTConfig, got {type(args).__name__}.")
+        if preprocessing_cache is not None and not args.cache_preprocessing:
+            raise ValueError("preprocessing_cache was given but cache_preprocessing is False; set "
+                             "cache_preprocessing=True to use it (or leave preprocessing_cache out).")
+        if preprocessing_cache is not None and data_collator is not None:
+            raise ValueError("preprocessing_cache is used by LaViT's own collator, but a data_collator was given; pass "
+                             "the cache to that collator (LavitDataCollator(..., cache=...)) instead.")
+        if args.cache_preprocessing and data_collator is not None and getattr(data_collator, "cache", None) is None:
+            raise ValueError("cache_preprocessing applies to LaViT's own collator, but a data_collator without a cache "
+                             "was given; give that collator a PreprocessingCache (LavitDataCollator(..., cache=...)), "
+                             "or leave data_collator out.")
+        if args.cache_preprocessing and preprocessing_cache is None and data_collator is None:
+            preprocessing_cache = PreprocessingCache(args.cache_preprocessing_max_gb)
+        self.preprocessing_cache = preprocessing_cache
         if not callable(getattr(processing_class, "to_prompt_completion", None)):
             raise ValueError(
                 "LavitSFTTrainer needs the student's LavitProcessor as processing_class "
@@ -604,6 +814,7 @@ class LavitSFTTrainer(SFTTrainer):
                 trajectory_topk=args.trajectory_topk,
                 response_column=args.response_column,
                 max_length=args.max_length,
+                cache=preprocessing_cache,
             )
         callbacks = list(callbacks or [])
         if args.distill and not any(isinstance(c, SensoryGateCallback) for c in callbacks):
@@ -634,7 +845,14 @@ class LavitSFTTrainer(SFTTrainer):
         resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         self._check_output_dir(resume)
         self._check_ddp_settings()
-        return super().train(resume, *args, **kwargs)
+        output = super().train(resume, *args, **kwargs)
+        cache = getattr(self.data_collator, "cache", None)
+        if cache is not None:
+            stats = cache.stats()
+            logger.info("Preprocessing cache: %d samples kept (%.1f MB), %d batch rows served from it, %d processed, "
+                        "%d past the budget.", stats["samples"], stats["bytes"] / 2**20, stats["hits"], stats["misses"],
+                        stats["over_budget"])
+        return output
 
     def _check_output_dir(self, resume: str | None) -> None:
         """Decided on the main process and shared with every rank (ranks that see different file systems must not
@@ -822,6 +1040,7 @@ __all__ = [
     "trajectory_target",
     "LavitSFTConfig",
     "LavitDataCollator",
+    "PreprocessingCache",
     "LavitSFTTrainer",
     "lavit_lora_config",
     "concept_loss",

@@ -102,6 +102,9 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "sweep.jsonl"
     done = {json.loads(line)["spec"]: json.loads(line) for line in log_path.open()} if log_path.exists() else {}
+    from trainer_lavit import PreprocessingCache
+
+    cache = PreprocessingCache()  # as the quickstart's students share one
     for spec, run_args, overrides, seed in plans:
         if spec in done:
             continue
@@ -109,7 +112,7 @@ def main(argv=None) -> None:
         start = time.time()
         info = quickstart.train_student(run_args, out, tag, stages["student"]["student_lavit"],
                                         stages["dataset"]["dataset"], stages["task"]["val_mmvp"], seed, spec,
-                                        **overrides)
+                                        cache=cache, **overrides)
         done[spec] = {"spec": spec, "seconds": time.time() - start, "curve": info["val_curve"],
                       "final_loss": info["final_loss"]}
         with log_path.open("a") as f:

@@ -22,6 +22,7 @@ from trainer_lavit import (
     LavitDataCollator,
     LavitSFTConfig,
     LavitSFTTrainer,
+    PreprocessingCache,
     SensoryGateCallback,
     lavit_lora_config,
     resize_gaze,
@@ -174,6 +175,92 @@ def test_collator_names_bad_samples(processor, corrupt, message):
     corrupt(row)
     with pytest.raises(ValueError, match=message):
         LavitDataCollator(processor, teacher_hidden_size=TEACHER_WIDTH)([row])
+
+
+def assert_batches_equal(got, expected):
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype, key
+        assert torch.equal(got[key], expected[key]), key
+
+
+@pytest.mark.parametrize("distill, max_length", [(True, None), (False, None), (True, 60)])
+def test_cached_collation_equals_uncached(processor, distill, max_length):
+    """Batches assembled from each sample's kept form equal TRL's batch of the same rows: image sizes differ (grids
+    2x3, 5x4, 3x2, 4x4), so prompts, images and trajectory targets all pad; a max_length cuts the longest rows."""
+    dataset = lavit15k_dataset(8, TEACHER_WIDTH)
+    rows = [dataset[i] for i in range(8)]
+    plain = LavitDataCollator(processor, distill=distill, teacher_hidden_size=TEACHER_WIDTH, max_length=max_length)
+    cache = PreprocessingCache()
+    cached = LavitDataCollator(processor, distill=distill, teacher_hidden_size=TEACHER_WIDTH, max_length=max_length,
+                               cache=cache)
+    for order in ([0, 1, 2, 3], [4, 5, 1, 0], [3, 1, 6, 7, 2], [0, 1, 2, 3]):
+        batch = [rows[i] for i in order]
+        assert_batches_equal(cached(batch), plain(batch))
+    assert cache.stats()["samples"] == 8 and cache.stats()["misses"] == 8 and cache.stats()["hits"] == 9
+    for row in rows:  # each kept form (split from the batch it was first met in) is TRL's batch of the row alone
+        assert_batches_equal(cache.entries[cached._sample_key(row)], plain([row]))
+    if max_length is not None:
+        assert plain([rows[1]])["input_ids"].shape[1] == max_length  # the cut is exercised
+    # a batch's tensors are fresh: changing one leaves the cache as it was
+    batch = cached(rows[:2])
+    batch["input_ids"].zero_()
+    assert_batches_equal(cached(rows[:2]), plain(rows[:2]))
+
+
+def test_cache_tells_samples_and_collators_apart(processor):
+    """A sample is known by its content: the same image with another question is another entry; a Naive-SFT collator
+    (no latent tokens) and a LaViT one sharing a cache never read each other's entries; past the budget samples are
+    processed anew and counted."""
+    rows = [lavit15k_dataset(2, TEACHER_WIDTH)[i] for i in range(2)]
+    other = dict(rows[0], question="what shape is object 0?")
+    cache = PreprocessingCache()
+    lavit = LavitDataCollator(processor, teacher_hidden_size=TEACHER_WIDTH, cache=cache)
+    naive = LavitDataCollator(processor, distill=False, cache=cache)
+    plain_lavit = LavitDataCollator(processor, teacher_hidden_size=TEACHER_WIDTH)
+    plain_naive = LavitDataCollator(processor, distill=False)
+    assert_batches_equal(lavit([rows[0], other]), plain_lavit([rows[0], other]))
+    assert_batches_equal(naive([rows[0], other]), plain_naive([rows[0], other]))
+    assert len(cache) == 4
+    tiny = PreprocessingCache(max_gb=1e-9)
+    collator = LavitDataCollator(processor, teacher_hidden_size=TEACHER_WIDTH, cache=tiny)
+    assert_batches_equal(collator(rows), plain_lavit(rows))
+    assert_batches_equal(collator(rows), plain_lavit(rows))
+    assert tiny.stats()["samples"] == 0 and tiny.stats()["over_budget"] == 4
+    with pytest.raises(ValueError, match="max_gb must be positive"):
+        PreprocessingCache(max_gb=0)
+
+
+def test_cached_training_equals_uncached(lavit_dir, processor, tmp_path):
+    """cache_preprocessing changes where batches come from, not what is trained: the same losses and weights over
+    two epochs of a 6-sample dataset (the second served from the cache)."""
+    dataset = lavit15k_dataset(6, TEACHER_WIDTH)
+    results = []
+    for cache in (False, True):
+        model = LavitForConditionalGeneration.from_pretrained(lavit_dir)
+        trainer = LavitSFTTrainer(model=model, args=tiny_args(tmp_path / str(cache), max_steps=6, save_strategy="no",
+                                                              cache_preprocessing=cache),
+                                  train_dataset=dataset, processing_class=processor)
+        trainer.train()
+        results.append(([h["loss"] for h in trainer.state.log_history if "loss" in h], snapshot(model)))
+        if cache:
+            assert trainer.preprocessing_cache.stats()["samples"] == 6
+            assert trainer.preprocessing_cache.stats()["hits"] == 6
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])
+
+
+def test_preprocessing_cache_settings_are_not_ignored(lavit_dir, processor, tmp_path):
+    model = LavitForConditionalGeneration.from_pretrained(lavit_dir)
+    dataset = lavit15k_dataset(2, TEACHER_WIDTH)
+    with pytest.raises(ValueError, match="cache_preprocessing is False"):
+        LavitSFTTrainer(model=model, args=tiny_args(tmp_path), train_dataset=dataset, processing_class=processor,
+                        preprocessing_cache=PreprocessingCache())
+    with pytest.raises(ValueError, match="a data_collator without a cache"):
+        LavitSFTTrainer(model=model, args=tiny_args(tmp_path, cache_preprocessing=True), train_dataset=dataset,
+                        processing_class=processor, data_collator=LavitDataCollator(processor))
+    with pytest.raises(ValueError, match="cache_preprocessing_max_gb must be positive"):
+        tiny_args(tmp_path, cache_preprocessing=True, cache_preprocessing_max_gb=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
