@@ -140,13 +140,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="student seeds per method")
     parser.add_argument("--teacher-pool", type=int, default=20000, help="generated samples the teacher trains on")
     parser.add_argument("--distill-samples", type=int, default=2000, help="samples the teacher's signals are built on")
-    parser.add_argument("--val", type=int, default=200)
-    parser.add_argument("--test", type=int, default=300)
+    parser.add_argument("--val", type=int, default=1000)
+    parser.add_argument("--test", type=int, default=2000)
     parser.add_argument("--teacher-steps", type=int, default=2500, help="at most this many teacher steps")
     parser.add_argument("--teacher-target", type=float, default=0.90, help="stop the teacher at this val accuracy")
     parser.add_argument("--teacher-eval-every", type=int, default=250,
                         help="the teacher's validation accuracy every this many steps (it stops at the target)")
-    parser.add_argument("--student-steps", type=int, default=750,
+    parser.add_argument("--student-steps", type=int, default=1250,
                         help="steps of each student (chosen on validation: see benchmarks/RESULTS.md)")
     parser.add_argument("--student-eval-every", type=int, default=250,
                         help="the students' validation accuracy every this many steps (the report's learning curves)")
@@ -176,7 +176,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vision-hidden", type=int, default=64)
     parser.add_argument("--teacher-text-hidden", type=int, default=None, help="default: --text-hidden")
     parser.add_argument("--teacher-text-layers", type=int, default=None, help="default: --text-layers")
-    parser.add_argument("--ablations", action="store_true", help="also train the Table 3 ablations (one seed each)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also train the Table 3 ablations (--seeds seeds each; not part of make demo)")
     parser.add_argument("--analysis-samples", type=int, default=100, help="test questions the attention analysis reads")
     parser.add_argument("--filter-stages", nargs="*", default=["correctness", "difficulty", "alignment"],
                         help="the builder's filter stages (none: keep every sample the teacher processed)")
@@ -314,7 +315,7 @@ def sft_dataset(viscot_json: str, image_root: str):
     }).cast_column("image", Image())
 
 
-def accuracy(model, processor, samples, path: str, mode: str, batch_size: int = 50) -> dict:
+def accuracy(model, processor, samples, path: str, mode: str, batch_size: int = 200) -> dict:
     from evaluation_lavit import evaluate, score
 
     if os.path.exists(path):
@@ -453,9 +454,10 @@ def log_every(steps: int, times: int) -> int:
 
 
 def train_student(args, root: Path, name: str, student_dir: str, dataset_dir: str, val_mmvp: str, seed: int,
-                  description: str, **overrides) -> dict:
+                  description: str, cache=None, **overrides) -> dict:
     """One student on the kept samples: Naive SFT (`distill=False` in `overrides`) or LaViT, its latent tokens' image
-    attention read from --latent-attention-layers; its validation accuracy every --student-eval-every steps."""
+    attention read from --latent-attention-layers; its validation accuracy every --student-eval-every steps. `cache`
+    (a `PreprocessingCache`) keeps each sample's processed form for every epoch and every student given it."""
     from data_lavit import load_lavit_dataset
     from evaluation_lavit import load_mmvp
     from modeling_lavit import LavitForConditionalGeneration
@@ -475,10 +477,10 @@ def train_student(args, root: Path, name: str, student_dir: str, dataset_dir: st
         name=f"{name} seed {seed}")
     lr = args.student_lr if distill else args.naive_lr
     config = cpu_config(out / "run", args.student_steps, args.student_batch_size, lr, seed,
-                        log_every(args.student_steps, 20), data_seed=seed,
+                        log_every(args.student_steps, 20), data_seed=seed, cache_preprocessing=cache is not None,
                         **{"gate_warmup_steps": max(1, int(args.gate_warmup_fraction * args.student_steps)),
                            **overrides})
-    trainer = LavitSFTTrainer(model=model, args=config, callbacks=[validation],
+    trainer = LavitSFTTrainer(model=model, args=config, callbacks=[validation], preprocessing_cache=cache,
                               train_dataset=load_lavit_dataset(dataset_dir, "kept"), processing_class=processor)
     show_progress(trainer, description, validation)
     trainer.train()
@@ -501,12 +503,17 @@ ABLATIONS = {
 
 
 def train_runs(args, root: Path, student: dict, dataset: dict, paths: dict, plan: list) -> dict:
+    """Trains every `(name, seed, overrides)` of `plan`, one after another, sharing one preprocessing cache (each
+    kept sample is rendered, tokenized and its image processed once for all of them)."""
+    from trainer_lavit import PreprocessingCache
+
+    cache = PreprocessingCache()
     runs = {}
     for number, (name, seed, overrides) in enumerate(plan, 1):
         start = time.time()
         runs[f"{name}-seed{seed}"] = info = train_student(
             args, root, name, student["student_lavit"], dataset["dataset"], paths["val_mmvp"], seed,
-            f"{name} seed {seed} ({number}/{len(plan)})", **overrides)
+            f"{name} seed {seed} ({number}/{len(plan)})", cache=cache, **overrides)
         curve = info["val_curve"]
         log.info("  %s seed %d: %d steps in %.0f s, final loss %.3f, validation %s", name, seed, args.student_steps,
                  time.time() - start, info["final_loss"] or math.nan,
@@ -522,11 +529,11 @@ def stage_students(args, root: Path, student: dict, dataset: dict, paths: dict) 
 
 
 def stage_ablations(args, root: Path, student: dict, dataset: dict, paths: dict) -> dict:
-    """Table 3's ablations of LaViT, one seed each, trained and scored on test like the full method (--ablations;
-    added to a finished run without retraining anything)."""
+    """Table 3's ablations of LaViT, each with the --seeds seeds of the full method, trained and scored on test like
+    it (--ablations; added to a finished run without retraining anything)."""
     from evaluation_lavit import load_mmvp
 
-    plan = [(name, 0, overrides) for name, overrides in ABLATIONS.items()]
+    plan = [(name, seed, overrides) for name, overrides in ABLATIONS.items() for seed in range(args.seeds)]
     runs = train_runs(args, root, student, dataset, paths, plan)
     test = load_mmvp(paths["test_mmvp"])
     results = {run: score_modes(*load_run(info["path"]), test, root / "evaluation", run, ["forced", "shuffled"])

@@ -63,10 +63,15 @@ def summarise(args, stages: dict) -> dict:
                                                             for seed in seeds])}
     for name in ("teacher", "student base"):
         methods[name] = row([name], [evaluation[name]["none"]["accuracy"]])
-    # Table 3's ablations, one seed each, in the order they were trained
+    # Table 3's ablations, in the order they were trained, each over the seeds it was trained with
+    ablations: dict[str, dict[str, list[float]]] = {}
     for run, scores in ((stages.get("ablations") or {}).get("results") or {}).items():
-        methods[f"ablation: {run.removesuffix('-seed0')}"] = {"accuracy": mean_std([scores["forced"]["accuracy"]]),
-                                                                "shuffled": mean_std([scores["shuffled"]["accuracy"]])}
+        scored = ablations.setdefault(run.rsplit("-seed", 1)[0], {"forced": [], "shuffled": []})
+        for mode in scored:
+            scored[mode].append(scores[mode]["accuracy"])
+    for name, scored in ablations.items():
+        methods[f"ablation: {name}"] = {"accuracy": mean_std(scored["forced"]),
+                                        "shuffled": mean_std(scored["shuffled"])}
     lavit, naive = methods["lavit"], methods["naive_sft"]
     teacher = methods["teacher"]["accuracy"]["mean"]
 
@@ -108,11 +113,27 @@ def summarise(args, stages: dict) -> dict:
         "gap_closed_per_seed": shares,
         "shuffled_drop": mean_std(shuffled_drop),
         "val_curves": curves,
+        "sampling_noise": sampling_noise(args.test, args.val, lavit["accuracy"]["mean"], naive["accuracy"]["mean"],
+                                         args.seeds),
         "figure2": stages["analysis"]["figure2"],
         "perception_gap": stages["analysis"]["perception_gap"],
         "figures": stages["analysis"]["figures"],
         "stage_seconds": {name: stages[name]["_seconds"] for name in stages},
     }
+
+
+def sampling_noise(test: int, val: int, lavit: float | None, naive: float | None, seeds: int) -> dict:
+    """The binomial sampling standard deviation of an accuracy (in points) measured on `test` and on `val`
+    questions: at 50% (the largest), at LaViT's and Naive SFT's test accuracies, and of the lead between their means
+    over `seeds` seeds (each seed's accuracy an independent draw on the same questions, an upper bound)."""
+    def points(p: float, n: int) -> float:
+        return 100 * math.sqrt(p * (1 - p) / n) if n > 0 else math.nan
+
+    out = {"test_questions": test, "val_questions": val, "test_at_50": points(0.5, test),
+           "val_at_50": points(0.5, val)}
+    if lavit is not None and naive is not None:
+        out["lead"] = math.sqrt((points(lavit / 100, test) ** 2 + points(naive / 100, test) ** 2) / max(1, seeds))
+    return out
 
 
 def fmt(stat, scale: float = 1.0, digits: int = 1) -> str:
@@ -152,6 +173,15 @@ def verdict(results: dict) -> list[str]:
                      f"{naive[key]['mean']:.3f}, a difference of {difference:+.3f}{unit}, "
                      f"{'larger than' if clear else 'within'} twice the larger seed-to-seed standard deviation "
                      f"({seed_spread:.3f}) over {seeds} seeds.")
+    noise = results.get("sampling_noise")
+    if noise and results["lavit_minus_naive"]["accuracy"] is not None and "lead" in noise:
+        lead = results["lavit_minus_naive"]["accuracy"]
+        lines.append(f"- Sampling noise: on {noise['test_questions']} test questions one model's accuracy carries a "
+                     f"binomial standard deviation of at most {noise['test_at_50']:.1f} points (at 50%; "
+                     f"{noise['val_at_50']:.1f} on the {noise['val_questions']} validation questions the step count "
+                     f"and the curves read), and the lead of {seeds}-seed means about {noise['lead']:.1f}: the "
+                     f"{lead:+.1f}-point lead is " + (f"{abs(lead) / noise['lead']:.0f} times that."
+                                                      if noise["lead"] > 0 else "measured without sampling noise."))
     share = results.get("gap_closed") or {}
     teacher = methods["teacher"]["accuracy"]["mean"]
     if share.get("mean") is not None:
@@ -171,6 +201,15 @@ def verdict(results: dict) -> list[str]:
         if clear_accuracy and needed:
             lines.append("- Both conditions of the demo's goal hold: LaViT ahead of Naive SFT by more than twice the "
                          "larger seed spread, and its latent tokens necessary.")
+    for name in methods:
+        if name.startswith("ablation: "):
+            cost, spread_, clear = ablation_cost(methods, name)
+            lines.append(f"- Ablation {name.removeprefix('ablation: ')} ({methods[name]['accuracy']['n']} seeds): "
+                         f"{methods[name]['accuracy']['mean']:.1f}% against the full method's "
+                         f"{lavit['accuracy']['mean']:.1f}%, a cost of {cost:+.1f} points, "
+                         + (f"more than twice the larger seed std ({spread_:.1f}): the part matters here."
+                            if clear else f"within twice the larger seed std ({spread_:.1f}): not shown to matter "
+                                          "here."))
     curves = results.get("val_curves") or {}
     for method, label in (("naive_sft", "Naive SFT"), ("lavit", "LaViT")):
         curve = curves.get(method) or []
@@ -227,13 +266,29 @@ def curves_table(curves: dict) -> list[str]:
     return lines
 
 
+def ablation_cost(methods: dict, name: str) -> tuple[float, float, bool]:
+    """`(cost, larger seed std, clear)` of one ablation against the full method: the full method's mean test accuracy
+    minus the ablation's, the larger of the two seed-to-seed standard deviations, and whether the cost exceeds
+    twice that (an ablation of one seed has no spread of its own)."""
+    full, ablated = methods["lavit"]["accuracy"], methods[name]["accuracy"]
+    spread_ = max(full["std"] if full["n"] > 1 else 0.0, ablated["std"] if ablated["n"] > 1 else 0.0)
+    cost = full["mean"] - ablated["mean"]
+    return cost, spread_, cost > 2 * spread_
+
+
 def ablations_table(methods: dict) -> list[str]:
-    """Table 3's rows beside the full method's seed 0 (the ablations' seed): accuracy, and with latents shuffled."""
-    lines = ["| run (seed 0) | accuracy (%) | latents shuffled (%) |", "|---|---|---|",
-             f"| full method | {methods['lavit']['accuracy']['values'][0]:.1f} | "
-             f"{methods['lavit [shuffled]']['accuracy']['values'][0]:.1f} |"]
-    lines += [f"| {name.removeprefix('ablation: ')} | {fmt(methods[name]['accuracy'])} | "
-              f"{fmt(methods[name].get('shuffled'))} |" for name in methods if name.startswith("ablation: ")]
+    """Table 3's rows beside the full method (the same seeds): accuracy, with latents shuffled, and what leaving the
+    part out costs."""
+    lines = ["| run | seeds | accuracy (%) | latents shuffled (%) | cost (points) | more than twice the larger seed "
+             "std |", "|---|---|---|---|---|---|",
+             f"| full method | {methods['lavit']['accuracy']['n']} | {fmt(methods['lavit']['accuracy'])} | "
+             f"{fmt(methods['lavit [shuffled]']['accuracy'])} | — | — |"]
+    for name in methods:
+        if name.startswith("ablation: "):
+            cost, spread_, clear = ablation_cost(methods, name)
+            lines.append(f"| {name.removeprefix('ablation: ')} | {methods[name]['accuracy']['n']} | "
+                         f"{fmt(methods[name]['accuracy'])} | {fmt(methods[name].get('shuffled'))} | {cost:+.1f} | "
+                         f"{'yes' if clear else 'no'} (2 x {spread_:.1f}) |")
     return lines
 
 
@@ -350,7 +405,8 @@ def render_report(results: dict) -> str:
         *modes_table(methods),
     ]
     if any(name.startswith("ablation: ") for name in methods):
-        lines += ["", "### Table 3 ablations (one seed each, same steps and data)", "", *ablations_table(methods)]
+        lines += ["", "### Table 3 ablations (same steps, data and seeds as the full method)", "",
+                  *ablations_table(methods)]
     curves = results.get("val_curves") or {}
     if any(curves.values()):
         lines += ["", "## Validation accuracy along training", "",
@@ -374,5 +430,5 @@ def render_report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["DEFAULT_LR", "LATENT_MODE_MEANING", "ablations_table", "curves_table", "fmt", "mean_std", "modes_table",
-           "render_report", "results_table", "summarise", "verdict"]
+__all__ = ["DEFAULT_LR", "LATENT_MODE_MEANING", "ablation_cost", "ablations_table", "curves_table", "fmt", "mean_std",
+           "modes_table", "render_report", "results_table", "sampling_noise", "summarise", "verdict"]

@@ -40,10 +40,13 @@ def stages_of(naive: list[float], lavit: list[float], shuffled: list[float], tea
         "analysis": {"per_model": per_model, "figure2": {}, "perception_gap": {},
                      "figures": ["analysis/figure4_entropy.png"]},
     }
-    if ablations:
-        stages["ablations"] = {"results": {f"{name}-seed0": {"forced": {"accuracy": forced},
-                                                             "shuffled": {"accuracy": swapped}}
-                                           for name, (forced, swapped) in ablations.items()}}
+    if ablations:  # name: (forced, shuffled) for seed 0, or lists of them per seed
+        results = {}
+        for name, (forced, swapped) in ablations.items():
+            forced, swapped = (forced, swapped) if isinstance(forced, list) else ([forced], [swapped])
+            for seed, (one, other) in enumerate(zip(forced, swapped)):
+                results[f"{name}-seed{seed}"] = {"forced": {"accuracy": one}, "shuffled": {"accuracy": other}}
+        stages["ablations"] = {"results": results}
     for name, stage in stages.items():
         stage["_seconds"] = 1.5
     return stages
@@ -76,6 +79,33 @@ def test_summary_numbers_match_a_hand_computation(tmp_path):
                                                                           "ablation: no_trajectory"]
     assert methods["ablation: no_semantic"]["shuffled"]["mean"] == 45.0
     assert results["stage_seconds"]["analysis"] == 1.5
+    # binomial sampling noise: sqrt(.5 * .5 / 2000) = 1.118 points on the 2000 default test questions, 1.581 on the
+    # 1000 validation ones; the lead of 2-seed means: sqrt((72.5 * 27.5 + 55 * 45) / 2000 / 2) = 1.283
+    noise = results["sampling_noise"]
+    assert (noise["test_questions"], noise["val_questions"]) == (2000, 1000)
+    assert noise["test_at_50"] == pytest.approx(1.1180, abs=1e-4) and noise["val_at_50"] == pytest.approx(1.5811,
+                                                                                                          abs=1e-4)
+    assert noise["lead"] == pytest.approx(math.sqrt((72.5 * 27.5 + 55 * 45) / 2000 / 2), rel=1e-9)
+
+
+def test_ablations_over_seeds_say_whether_each_part_matters(tmp_path):
+    """Each ablation's seeds pooled as the full method's are; its cost called clear only beyond twice the larger seed
+    std (the full method: 70, 75 -> std 2.5)."""
+    stages = stages_of([50.0, 60.0], [70.0, 75.0], [40.0, 70.0],
+                       ablations={"no_trajectory": ([60.0, 62.0], [30.0, 31.0]),
+                                  "no_semantic": ([70.0, 74.0], [35.0, 36.0])})
+    results = summarise(args_for(2, tmp_path), stages)
+    methods = results["methods"]
+    assert methods["ablation: no_trajectory"]["accuracy"]["values"] == [60.0, 62.0]
+    assert methods["ablation: no_semantic"]["shuffled"]["mean"] == 35.5
+    lines = verdict(results)
+    assert any("Ablation no_trajectory (2 seeds): 61.0% against the full method's 72.5%, a cost of +11.5 points, "
+               "more than twice the larger seed std (2.5)" in line for line in lines)
+    assert any("Ablation no_semantic (2 seeds): 72.0%" in line and "a cost of +0.5 points, within twice" in line
+               for line in lines)
+    report = render_report(results)
+    assert "| no_trajectory | 2 | 61.0 ± 1.0 | 30.5 ± 0.5 | +11.5 | yes (2 x 2.5) |" in report
+    assert "| full method | 2 | 72.5 ± 2.5 | 55.0 ± 15.0 | — | — |" in report
 
 
 def test_verdict_says_who_is_ahead_and_whether_it_is_clear(tmp_path):
@@ -102,7 +132,10 @@ def test_report_shows_the_summary_numbers(tmp_path):
     report = render_report(results)
     row = next(line for line in report.splitlines() if line.startswith("| naive_sft |"))
     assert row.split("|")[2].strip() == "55.0 ± 5.0"
-    assert "| single_stage | 66.0 | 33.0 |" in report and "| full method | 70.0 | 40.0 |" in report
+    assert "| single_stage | 1 | 66.0 | 33.0 | +6.5 | yes (2 x 2.5) |" in report
+    assert "| full method | 2 | 72.5 ± 2.5 | 55.0 ± 15.0 | — | — |" in report
+    assert "Sampling noise: on 2000 test questions one model's accuracy carries a binomial standard deviation of at " \
+           "most 1.1 points (at 50%; 1.6 on the 1000 validation questions" in report
     assert "| 20 | 51.0 ± 1.0 | 51.0 ± 1.0 |" in report  # both curves: 50 and 52 at step 20
     assert "GroundedSFTTrainer in grounding_lavit.py" in report
     assert "Naive SFT 50.0, 60.0; LaViT 70.0, 75.0." in report
@@ -139,3 +172,22 @@ def test_report_describes_a_plain_teacher_short_of_its_target_and_a_random_start
     smoke = render_report(summarise(parse_args(["--output-dir", str(tmp_path / "smoke"), "--smoke"]),
                                     stages_of([50.0, 60.0], [70.0, 75.0], [40.0, 70.0])))
     assert smoke.startswith("# LaViT quickstart report\n\n**Smoke run**")
+
+
+def test_record_of_several_task_seeds_checks_each_run(tmp_path):
+    """benchmarks/record_quickstart.py --runs: each run's three conditions, recomputed from its numbers by hand."""
+    import record_quickstart
+
+    good = summarise(args_for(2, tmp_path), stages_of([50.0, 60.0], [70.0, 75.0], [40.0, 70.0]))
+    # lead 17.5 over twice max(5.0, 2.5); gap (70-50)/40 and (75-60)/30 -> 50%; shuffled drop (30 + 5) / 2
+    assert record_quickstart.acceptance(good) == {
+        "lead": 17.5, "twice_spread": 10.0, "lead_clear": True, "gap_closed": 0.5, "gap_ok": True,
+        "shuffled_drop": 17.5, "shuffled_ok": True}
+    weak = summarise(args_for(2, tmp_path), stages_of([50.0, 60.0], [58.0, 66.0], [50.0, 60.0]))
+    assert record_quickstart.acceptance(weak)["lead_clear"] is False  # +7 within 2 x 5
+    body = record_quickstart.runs_body([("a", good), ("b", weak)])
+    assert "| 0 | 90.0% at step 1000 | 120 | 40.0 | 55.0 ± 5.0 | 72.5 ± 2.5 | +17.5 (10.0) | 50% ± 0% | 17.5 ± 12.5 |" \
+        in body
+    assert "lead 7.0 to 17.5 points, gap closed 20 to 50%" in body and "all three conditions hold in 1 of 2 runs" in body
+    with pytest.raises(SystemExit, match="smoke"):
+        record_quickstart.runs_body([("s", {**good, "smoke": True})])
