@@ -27,7 +27,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface, AutoModel, AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AttentionInterface,
+    AutoModel,
+    AutoModelForImageTextToText,
+    GenerationMixin,
+    Qwen2_5_VLForConditionalGeneration,
+)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
@@ -458,14 +464,19 @@ def trajectory_loss(
     return terms.sum(dim=(1, 2)).mean()
 
 
-def labelled_token_loss(
+TOKEN_LOSS_TYPES = ("nll", "dft")
+
+
+def labelled_token_outputs(
     lm_head: nn.Module,
     hidden_states: torch.Tensor,
     labels: torch.Tensor,
     num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = -100,
-) -> torch.Tensor:
-    """Next-token cross-entropy computed from the labelled positions only, without the `(B, L, vocab)` logits.
+    loss_type: str = "nll",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token loss computed from the labelled positions only, without the `(B, L, vocab)` logits, and the token
+    statistics TRL logs.
 
     Args:
         lm_head: the output projection.
@@ -473,17 +484,44 @@ def labelled_token_loss(
         labels: `(B, L)`, `ignore_index` where no loss is taken; position i predicts label i + 1.
         num_items_in_batch: the divisor (the labelled tokens of the whole accumulated batch, as the Trainer counts
             them); default: the labelled tokens here.
+        loss_type: `"nll"` (cross-entropy) or `"dft"` (each token's cross-entropy weighted by its probability, without
+            gradient through the weight: TRL's `loss_type="dft"`).
     Returns:
-        scalar: summed token losses over `num_items_in_batch` (the same value `ForCausalLMLoss` gives).
+        `(loss, labelled tokens, summed entropy, tokens whose label is the top-1 prediction)`: the loss is the summed
+        token losses over `num_items_in_batch` (for "nll" the value `ForCausalLMLoss` gives); the three counts carry
+        no gradient.
     """
+    if loss_type not in TOKEN_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {TOKEN_LOSS_TYPES}, got {loss_type!r}.")
     targets = labels[:, 1:].to(hidden_states.device)  # (B, L - 1)
     keep = targets != ignore_index
     logits = lm_head(hidden_states[:, :-1][keep]).float()  # (n, vocab)
-    total = F.cross_entropy(logits, targets[keep], reduction="sum")
+    wanted = targets[keep]
+    if loss_type == "nll":
+        total = F.cross_entropy(logits, wanted, reduction="sum")
+    else:
+        per_token = F.cross_entropy(logits, wanted, reduction="none")
+        total = (per_token * torch.exp(-per_token).detach()).sum()
     divisor = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp_min(1)
     if torch.is_tensor(divisor):
         divisor = divisor.to(total.device)
-    return total / divisor
+    with torch.no_grad():
+        log_probs = logits.log_softmax(dim=-1)
+        entropy = -(log_probs.exp() * log_probs).sum(dim=-1).sum()
+        top1 = (logits.argmax(dim=-1) == wanted).sum()
+    return total / divisor, keep.sum(), entropy, top1
+
+
+def labelled_token_loss(
+    lm_head: nn.Module,
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """The cross-entropy of `labelled_token_outputs` alone: summed token losses over `num_items_in_batch` (the same
+    value `ForCausalLMLoss` gives), without the `(B, L, vocab)` logits."""
+    return labelled_token_outputs(lm_head, hidden_states, labels, num_items_in_batch, ignore_index)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -525,6 +563,9 @@ class LavitCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
             Equation 7, when `teacher_trajectory` is given.
         sensory_gate (`float`, *optional*):
             The gamma this forward ran with.
+        label_count, label_entropy_sum, label_top1_count (`torch.Tensor`, *optional*):
+            Without logits (`return_logits=False`) and with labels: the labelled tokens, the summed entropy of their
+            predictions and how many labels are the top-1 prediction (TRL's `entropy` and `mean_token_accuracy`).
     """
 
     latent_hidden_states: torch.FloatTensor | None = None
@@ -534,6 +575,9 @@ class LavitCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
     concept_loss: torch.FloatTensor | None = None
     trajectory_loss: torch.FloatTensor | None = None
     sensory_gate: float | None = None
+    label_count: torch.Tensor | None = None
+    label_entropy_sum: torch.Tensor | None = None
+    label_top1_count: torch.Tensor | None = None
 
 
 class LavitConceptHead(nn.Module):
@@ -549,7 +593,7 @@ class LavitConceptHead(nn.Module):
         return self.fc2(self.act(self.fc1(hidden_states)))  # (..., teacher_hidden_size)
 
 
-class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, GenerationMixin):  # generation as stock
     """Qwen2.5-VL with LaViT's latent visual thoughts: a sensory gate, a concept head and latent-attention outputs.
 
     The text attention runs through `lavit_sdpa`, which is plain sdpa unless the gate is below 1 or latent
@@ -577,6 +621,28 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             with torch.no_grad():
                 self.sensory_gate.fill_(1.0)
             self._sensory_gate_value = 1.0
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, always with the remote code its `auto_map` names: however the class was
+        imported (from a checkpoint's remote code, or from this repository in a notebook or a test), the folder gets
+        `configuration_lavit.py` and `modeling_lavit.py` and a config whose `auto_map` names them, so a fresh
+        process loads it with `AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)`. The
+        Trainer's checkpoints and `save_model`, and PEFT's merged models, save through here."""
+        type(self.config).register_for_auto_class()
+        type(self).register_for_auto_class("AutoModelForImageTextToText")
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.setdefault("AutoModel", f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}")
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _reentrant_checkpointing(self) -> bool:
+        """Whether any text layer recomputes its activations with reentrant checkpointing."""
+        for layer in self.model.language_model.layers:
+            function = getattr(layer, "_gradient_checkpointing_func", None)
+            if getattr(layer, "gradient_checkpointing", False) and getattr(function, "keywords", {}).get(
+                    "use_reentrant") is True:
+                return True
+        return False
 
     def set_sensory_gate(self, gamma: float) -> None:
         """Sets gamma in [0, 1]: 1 leaves attention untouched, 0 cuts the gated rows off the image (a hard mask)."""
@@ -652,6 +718,7 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         teacher_semantics: torch.Tensor | None = None,
         teacher_trajectory: torch.Tensor | None = None,
         return_logits: bool = True,
+        token_loss_type: str = "nll",
         latent_intervention: str | None = None,
         latent_positions: torch.Tensor | None = None,
         **kwargs,
@@ -677,7 +744,10 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             computed and `trajectory_loss` (equation 7) is returned.
         return_logits (`bool`, *optional*, defaults to `True`):
             With `False` the `(B, L, vocab)` logits are not built: the next-token loss is computed from the labelled
-            positions only (`labelled_token_loss`) and `logits` is None. Training uses it.
+            positions only (`labelled_token_outputs`), `logits` is None and the label statistics are returned.
+            Training uses it.
+        token_loss_type (`str`, *optional*, defaults to `"nll"`):
+            With `return_logits=False`: `"nll"` or `"dft"` (TRL's `loss_type`; see `labelled_token_outputs`).
         latent_intervention (`str`, *optional*):
             An inference-time ablation of the latent tokens (Table 3 and beyond): `"masked"`, no query after the latent
             block may attend to the latent positions (through generation too); `"zeroed"`, the latent tokens' input
@@ -692,6 +762,12 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             record other rows); `latent_image_attention` is then not computed.
         """
         output_latent_attention = bool(output_latent_attention or teacher_trajectory is not None)
+        if output_latent_attention and self.training and torch.is_grad_enabled() and self._reentrant_checkpointing():
+            raise ValueError(
+                "Reentrant activation checkpointing (use_reentrant=True) cuts the gradients of the latent tokens' "
+                "attention, so L_traj would not train the model. Enable it with activation_checkpointing_enable("
+                "activation_checkpointing_kwargs={'use_reentrant': False}) (transformers' default), or turn it off."
+            )
         output_latent_states = self._check_request(output_latent_states, teacher_semantics, pixel_values,
                                                    mm_token_type_ids, position_ids)
         gamma = self._gate_value()
@@ -731,6 +807,10 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             for hook in hooks:
                 hook.remove()
         kwargs.pop("lavit_control", None)
+        if return_logits and token_loss_type != "nll":
+            raise ValueError(f"token_loss_type={token_loss_type!r} applies to return_logits=False; with logits the loss "
+                             "is the model's cross-entropy.")
+        kwargs["token_loss_type"] = token_loss_type
         return self._lavit_outputs(outputs, labels, logits_to_keep, return_logits, latents, capture, gamma,
                                    teacher_semantics, teacher_trajectory, kwargs)
 
@@ -898,6 +978,8 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         distillation losses."""
         hidden_states = outputs.last_hidden_state  # (B, L, D)
         loss = logits = None
+        statistics = (None, None, None)
+        token_loss_type = loss_kwargs.pop("token_loss_type", "nll")
         if return_logits:
             logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
             if labels is not None:
@@ -905,7 +987,8 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                     logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **loss_kwargs
                 )
         elif labels is not None:
-            loss = labelled_token_loss(self.lm_head, hidden_states, labels, loss_kwargs.get("num_items_in_batch"))
+            loss, *statistics = labelled_token_outputs(self.lm_head, hidden_states, labels,
+                                                       loss_kwargs.get("num_items_in_batch"), loss_type=token_loss_type)
 
         latent_hidden_states = concept_embeds = None
         if latents.compute:
@@ -941,6 +1024,9 @@ class LavitForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             concept_loss=concept,
             trajectory_loss=trajectory,
             sensory_gate=gamma,
+            label_count=statistics[0],
+            label_entropy_sum=statistics[1],
+            label_top1_count=statistics[2],
         )
 
     @staticmethod
@@ -1018,6 +1104,8 @@ __all__ = [
     "concept_loss",
     "trajectory_loss",
     "labelled_token_loss",
+    "labelled_token_outputs",
+    "TOKEN_LOSS_TYPES",
     "find_latent_tokens",
     "padded_positions",
     "count_images",

@@ -190,6 +190,13 @@ class LavitProcessor(LavitBaseProcessor):
             tokenizer.chat_template = chat_template
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`ProcessorMixin.save_pretrained`, always with `processing_lavit.py` (and the configuration it imports) and
+        an `auto_map` naming it, however the class was imported, so `AutoProcessor` loads the folder in a fresh
+        process."""
+        type(self).register_for_auto_class("AutoProcessor")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @property
     def latent_string(self) -> str:
         """The K latent tokens written out, e.g. `'<v-trace1><v-trace2><v-trace3><v-trace4>'`."""

@@ -37,8 +37,8 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 from cli_lavit import changed_settings
 from configuration_lavit import parse_latent_layers, resolve_latent_layers
 from data_lavit import gaze_topk_weights, merged_token_grids, open_image, resize_gaze, write_json_atomic
-from modeling_lavit import LavitForConditionalGeneration, concept_loss, trajectory_loss
-from processing_lavit import LavitProcessor
+from modeling_lavit import LAVIT_ATTENTION, LavitForConditionalGeneration, concept_loss, trajectory_loss
+from processing_lavit import LavitProcessor, add_latent_tokens_to_chat_template, set_default_system_prompt
 
 
 logger = logging.getLogger(__name__)
@@ -591,15 +591,21 @@ class LavitDataCollator:
         response_column: str = "answer",
         max_length: int | None = None,
         cache: PreprocessingCache | None = None,
+        completion_only_loss: bool = True,
+        pad_to_multiple_of: int | None = None,
     ):
         self.processor = processor
         # TRL renders the prompt with the generation prompt: it must not bring the latent tokens itself, or they
-        # would land in the (unlabelled) prompt instead of leading the completion.
+        # would land in the (unlabelled) prompt instead of leading the completion. Truncation is done here, after
+        # TRL's collation (the same cut), so that a cut through the image or the latent block is named.
         template_processor = copy.copy(processor)
         template_processor.add_latent_tokens = False
         self.vision_collator = DataCollatorForVisionLanguageModeling(
-            processor=template_processor, completion_only_loss=True, max_length=max_length
+            processor=template_processor, completion_only_loss=completion_only_loss, max_length=None
         )
+        self.completion_only_loss = completion_only_loss
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.truncated_samples = 0  # samples whose completion max_length cut (counted once each with a cache)
         self.distill = distill
         self.semantics_column = CONCEPT_TARGETS[concept_target]
         self.teacher_hidden_size = teacher_hidden_size
@@ -617,7 +623,7 @@ class LavitDataCollator:
         tokenizer = self.processor.tokenizer
         hasher = hashlib.blake2b(digest_size=16)
         for value in (self.distill, self.semantics_column, self.teacher_hidden_size, self.trajectory_topk,
-                      self.response_column, self.max_length, self.processor.chat_template,
+                      self.response_column, self.max_length, self.completion_only_loss, self.processor.chat_template,
                       self.processor.image_processor.to_json_string(), type(tokenizer).__name__, len(tokenizer),
                       tokenizer.pad_token_id, self.processor.latent_string):
             _content_digest(hasher, str(value))
@@ -635,8 +641,18 @@ class LavitDataCollator:
         return hasher.digest()
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        if self.cache is None:
-            return self._process(rows)
+        batch = self._process(rows) if self.cache is None else self._from_cache(rows)
+        if self.pad_to_multiple_of:
+            width = batch["input_ids"].shape[1]
+            extra = -width % self.pad_to_multiple_of
+            if extra:
+                padding = {"input_ids": self.processor.tokenizer.pad_token_id, **_SEQUENCE_PADDING}
+                for key, value in padding.items():
+                    if key in batch:
+                        batch[key] = torch.nn.functional.pad(batch[key], (0, extra), value=value)
+        return batch
+
+    def _from_cache(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         keys = [self._sample_key(row) for row in rows]
         items = [self.cache.get(key) for key in keys]
         missing = [b for b, item in enumerate(items) if item is None]
@@ -646,6 +662,36 @@ class LavitDataCollator:
                 self.cache.put(keys[b], item)
                 items[b] = item
         return self._assemble(items)
+
+    def _truncate(self, batch: dict[str, Any], names: list[str]) -> dict[str, Any]:
+        """TRL's `max_length` cut (every sequence key sliced after the left flush), refusing a cut through a sample's
+        image or latent block, and counting the samples whose completion it shortens."""
+        if self.max_length is None or batch["input_ids"].shape[1] <= self.max_length:
+            return batch
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        protected = [self.processor.image_token_id] + (list(self.processor.latent_token_ids) if self.distill else [])
+        for b, length in enumerate(lengths):
+            if length <= self.max_length:
+                continue
+            ids = batch["input_ids"][b, :length]
+            where = torch.isin(ids, torch.tensor(protected)).nonzero()
+            needed = int(where[-1, 0]) + 1 if len(where) else 0
+            if needed > self.max_length:
+                part = "image and latent block" if self.distill else "image"
+                raise ValueError(
+                    f"Sample {names[b]}: max_length={self.max_length} cuts through its {part}, which end at token "
+                    f"{needed} (the whole sample is {length} tokens). Raise max_length to at least {length} (or "
+                    f"{needed} to cut only the answer), or set it to None."
+                )
+            self.truncated_samples += 1
+            if self.truncated_samples == 1:
+                logger.warning("max_length=%d cuts the answer of sample %s (%d tokens): its labels lose the end of the "
+                               "answer and the end-of-turn token. The trainer reports how many samples were cut.",
+                               self.max_length, names[b], length)
+        for key in ("input_ids", *_SEQUENCE_PADDING):
+            if key in batch:
+                batch[key] = batch[key][:, : self.max_length]
+        return batch
 
     def _split(self, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
         """Each sample's part of a processed batch, as TRL's collator makes it of the sample alone: its sequence
@@ -680,7 +726,7 @@ class LavitDataCollator:
             )
             for name, row in zip(names, rows)
         ]
-        batch = self.vision_collator(examples)
+        batch = self._truncate(self.vision_collator(examples), names)
         if not self.distill:
             return batch
         grids = merged_token_grids(batch["image_grid_thw"], self.processor.image_processor.merge_size)
@@ -803,6 +849,13 @@ class LavitSFTTrainer(SFTTrainer):
             self._check_columns(train_dataset, args, "train")
         for name, eval_set in _eval_sets_by_name(kwargs.get("eval_dataset")):
             self._check_columns(eval_set, args, name)
+        self._check_trl_settings(lavit, args)
+        chat_template_path = args.chat_template_path
+        if chat_template_path is not None:  # the template the collator renders is the one save_model writes
+            with open(chat_template_path, encoding="utf-8") as file:
+                template = set_default_system_prompt(file.read(), processing_class.system_prompt)
+            template = add_latent_tokens_to_chat_template(template, processing_class.latent_string)
+            processing_class.chat_template = processing_class.tokenizer.chat_template = template
         if args.freeze_vision_tower:
             lavit.model.visual.requires_grad_(False)
         if data_collator is None:
@@ -815,12 +868,18 @@ class LavitSFTTrainer(SFTTrainer):
                 response_column=args.response_column,
                 max_length=args.max_length,
                 cache=preprocessing_cache,
+                completion_only_loss=args.completion_only_loss is not False,
+                pad_to_multiple_of=args.pad_to_multiple_of,
             )
         callbacks = list(callbacks or [])
         if args.distill and not any(isinstance(c, SensoryGateCallback) for c in callbacks):
             callbacks.append(SensoryGateCallback(args.gate_warmup_steps, args.gate_epsilon, args.gate_schedule))
-        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
-                         data_collator=data_collator, callbacks=callbacks, **kwargs)
+        args.chat_template_path = None  # applied above (TRL would put the file in without the latent tokens)
+        try:
+            super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
+                             data_collator=data_collator, callbacks=callbacks, **kwargs)
+        finally:
+            args.chat_template_path = chat_template_path
         if not (args.distill and args.concept_loss_coef > 0):
             # No loss reaches the concept head here (Naive SFT, "w/o semantic reconstruction"): a trainable parameter
             # without a gradient stops DDP at the second step when it does not look for unused parameters (the
@@ -846,6 +905,11 @@ class LavitSFTTrainer(SFTTrainer):
         self._check_output_dir(resume)
         self._check_ddp_settings()
         output = super().train(resume, *args, **kwargs)
+        truncated = getattr(self.data_collator, "truncated_samples", 0)
+        if truncated:
+            logger.warning("max_length=%s cut the answers of %d samples (their labels lack the end of the answer and "
+                           "the end-of-turn token); raise max_length to keep them whole.", self.args.max_length,
+                           truncated)
         cache = getattr(self.data_collator, "cache", None)
         if cache is not None:
             stats = cache.stats()
@@ -922,6 +986,31 @@ class LavitSFTTrainer(SFTTrainer):
                 )
 
     @staticmethod
+    def _check_trl_settings(lavit, args: LavitSFTConfig) -> None:
+        """SFTConfig/TrainingArguments fields LaViT cannot honour, refused before anything runs, naming the field."""
+        attention = lavit.config.text_config._attn_implementation
+        if attention != LAVIT_ATTENTION:
+            raise ValueError(
+                f"The model runs the text attention {attention!r}, but LaViT's gate and latent attention live in "
+                f"{LAVIT_ATTENTION!r}: load the model without attn_implementation (LaViT's default), or call "
+                "modeling_lavit.enable_lavit_attention(model) before training."
+            )
+        if args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
+            raise ValueError(
+                f"train_sampling_strategy={args.train_sampling_strategy!r} reads each sample's token length, which "
+                "LaViT-15K rows do not hold (their images are tokenized by the collator); use 'random' or "
+                "'sequential'."
+            )
+        path = args.chat_template_path
+        if path is not None and not (os.path.isfile(path) and path.endswith((".jinja", ".j2"))):
+            raise ValueError(
+                f"chat_template_path={path!r}: LaViT takes a chat template as a .jinja (or .j2) file; cloning one from "
+                "another tokenizer would change the vocabulary that holds the latent tokens."
+            )
+        if args.pad_to_multiple_of is not None and args.pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive number of tokens, got {args.pad_to_multiple_of}.")
+
+    @staticmethod
     def _check_columns(dataset, args: LavitSFTConfig, name: str) -> None:
         columns = set(getattr(dataset, "column_names", None) or next(iter(dataset)).keys())
         needed = {"image", "question", args.response_column}
@@ -946,20 +1035,54 @@ class LavitSFTTrainer(SFTTrainer):
             value = self.accelerator.gather_for_metrics(value.detach().float().reshape(1)).mean().item()
         self._metrics[mode][name].append(float(value))
 
+    def _needs_logits(self) -> bool:
+        """Whether the next-token loss needs the full logits, as in TRL: a `compute_loss_func`, or label smoothing
+        with the "nll" loss (TRL applies no smoothing to "dft")."""
+        return self.compute_loss_func is not None or (self.label_smoother is not None and self.args.loss_type == "nll")
+
     def next_token_loss(self, outputs, inputs, num_items_in_batch, mode: str) -> tuple[torch.Tensor, int]:
         """`(L_ntp as the backward needs it, the accumulation steps that per-batch means added to it must be divided
-        by)`; logs `ntp_loss` as the mean over this batch's labelled tokens.
+        by)`, computed as `SFTTrainer.compute_loss` computes its loss (`loss_type` "nll" or "dft", label smoothing,
+        `compute_loss_func`); logs `ntp_loss` (the mean over this batch's labelled tokens) and TRL's `entropy`,
+        `mean_token_accuracy` and `num_tokens`.
 
         The Trainer skips its division by the accumulation steps when the loss is normalised by the token count of the
         whole accumulated batch (`num_items_in_batch`); per-batch means must then be divided by the caller."""
-        ntp, steps, ntp_value = outputs.loss, 1, outputs.loss
+        labels = inputs["labels"]
+        if self.compute_loss_func is not None:
+            ntp = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        elif self._needs_logits():
+            ntp = self.label_smoother(outputs, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
+        else:
+            ntp = outputs.loss  # the model's labelled-token loss of loss_type, over num_items_in_batch
+        if outputs.label_count is None:  # the forward built the logits: the statistics from them
+            with torch.no_grad():
+                targets = labels[:, 1:].to(outputs.logits.device)
+                keep = targets != -100
+                logits = outputs.logits[:, :-1][keep].float()
+                log_probs = logits.log_softmax(dim=-1)
+                count = keep.sum()
+                entropy = -(log_probs.exp() * log_probs).sum()
+                top1 = (logits.argmax(dim=-1) == targets[keep]).sum()
+        else:
+            count, entropy, top1 = outputs.label_count, outputs.label_entropy_sum, outputs.label_top1_count
+        steps, ntp_value = 1, ntp
         if num_items_in_batch is not None:
             steps = self.current_gradient_accumulation_steps
             if self.args.average_tokens_across_devices:
                 ntp = ntp * self.accelerator.num_processes  # DDP averages gradients; the count spans every rank
-            counted = (inputs["labels"][:, 1:] != -100).sum().clamp_min(1)
-            ntp_value = outputs.loss * num_items_in_batch / counted  # comparable across settings
+            counted = (labels[:, 1:] != -100).sum().clamp_min(1)
+            ntp_value = ntp_value * num_items_in_batch / counted  # comparable across settings
         self._metric(mode, "ntp_loss", ntp_value)
+        valid = self.accelerator.gather_for_metrics(count.detach().reshape(1)).sum()
+        entropy = self.accelerator.gather_for_metrics(entropy.detach().float().reshape(1)).sum()
+        top1 = self.accelerator.gather_for_metrics(top1.detach().reshape(1)).sum()
+        self._metrics[mode]["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append((top1 / valid).item() if valid > 0 else 0.0)
+        if mode == "train":
+            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum().reshape(1)).sum().item()
+            self._total_train_tokens += tokens
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return ntp, steps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -969,14 +1092,19 @@ class LavitSFTTrainer(SFTTrainer):
         args = self.args
         want_trajectory = args.distill and args.trajectory_loss_coef > 0
         want_concept = args.distill and args.concept_loss_coef > 0
+        with_logits = self._needs_logits() or return_outputs
         outputs = model(
             **inputs,
             use_cache=False,
-            return_logits=False,
+            return_logits=with_logits,
+            token_loss_type="nll" if with_logits else args.loss_type,
             num_items_in_batch=num_items_in_batch,
             output_latent_states=args.distill,
             output_latent_attention=want_trajectory,
         )
+        if with_logits and not self._needs_logits() and args.loss_type != "nll":
+            # evaluation with logits for compute_metrics: the loss of loss_type from those logits, as TRL computes it
+            outputs.loss = dft_loss(outputs.logits, inputs["labels"], num_items_in_batch)
         loss, steps = self.next_token_loss(outputs, inputs, num_items_in_batch, mode)
         if want_concept:
             concept = concept_loss(outputs.concept_embeds, semantics.to(outputs.concept_embeds.device))
@@ -992,6 +1120,28 @@ class LavitSFTTrainer(SFTTrainer):
         if args.distill:
             self._metric(mode, "sensory_gate", outputs.sensory_gate)
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The evaluation step: the loss, and with `prediction_loss_only=False` the logits and labels that
+        `compute_metrics` receives (the teacher targets stay out of them)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            if prediction_loss_only:
+                return self.compute_loss(model, inputs), None, None
+            labels = inputs.get("labels")
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        return loss.detach(), outputs.logits, labels
+
+
+def dft_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """TRL's "dft" loss from full logits: each next-token cross-entropy weighted by the label's probability (without
+    gradient through the weight), summed over the labelled tokens and divided by `num_items_in_batch` (default: their
+    count)."""
+    targets = labels[:, 1:].to(logits.device)
+    keep = targets != -100
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none")
+    divisor = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp_min(1)
+    return (per_token * torch.exp(-per_token).detach()).sum() / divisor
 
 
 def _eval_sets_by_name(eval_dataset) -> list[tuple[str, Any]]:

@@ -184,12 +184,18 @@ def assert_batches_equal(got, expected):
         assert torch.equal(got[key], expected[key]), key
 
 
-@pytest.mark.parametrize("distill, max_length", [(True, None), (False, None), (True, 60)])
-def test_cached_collation_equals_uncached(processor, distill, max_length):
+@pytest.mark.parametrize("distill, cut", [(True, False), (False, False), (True, True)])
+def test_cached_collation_equals_uncached(processor, distill, cut):
     """Batches assembled from each sample's kept form equal TRL's batch of the same rows: image sizes differ (grids
-    2x3, 5x4, 3x2, 4x4), so prompts, images and trajectory targets all pad; a max_length cuts the longest rows."""
+    2x3, 5x4, 3x2, 4x4), so prompts, images and trajectory targets all pad; a max_length cuts the longest rows'
+    answers (just past the longest latent block)."""
     dataset = lavit15k_dataset(8, TEACHER_WIDTH)
     rows = [dataset[i] for i in range(8)]
+    max_length = None
+    if cut:
+        full = LavitDataCollator(processor, teacher_hidden_size=TEACHER_WIDTH)(rows)
+        latent = torch.isin(full["input_ids"], torch.tensor(processor.latent_token_ids))
+        max_length = int(latent.nonzero()[:, 1].max()) + 2
     plain = LavitDataCollator(processor, distill=distill, teacher_hidden_size=TEACHER_WIDTH, max_length=max_length)
     cache = PreprocessingCache()
     cached = LavitDataCollator(processor, distill=distill, teacher_hidden_size=TEACHER_WIDTH, max_length=max_length,
