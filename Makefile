@@ -24,7 +24,7 @@ test: install
 test-all: install
 	$(PY) -m pytest -q
 
-# The main job: LaViT end to end on a synthetic grounding task (10-16 minutes on 2 CPU cores; a rerun resumes).
+# The main job: LaViT end to end on a synthetic grounding task (about 16 minutes on 2 CPU cores; a rerun resumes).
 demo: install
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) examples/quickstart.py --output-dir quickstart_output
 

@@ -12,7 +12,7 @@ Every stage runs through the project's own code (the Visual-CoT reader, `convert
 builder, `LavitSFTTrainer`, the evaluation harness, the analysis) and keeps its artefacts under --output-dir; a
 finished stage is not run again. Tested with (2 CPU cores):
 
-    python examples/quickstart.py --output-dir quickstart_output     # the default run (make demo), 10-16 minutes
+    python examples/quickstart.py --output-dir quickstart_output     # the default run (make demo), about 16 minutes
     python examples/quickstart.py --output-dir quickstart_output --ablations   # adds Table 3's rows, ~6 minutes more
     python examples/quickstart.py --output-dir quickstart-smoke --smoke   # every stage at toy size, under a minute
 """

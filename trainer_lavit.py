@@ -403,6 +403,30 @@ def run_settings(args) -> dict[str, Any]:
     return {name: getattr(args, name) for name in RUN_SETTINGS}
 
 
+def dataset_digest(dataset) -> str | None:
+    """A digest of a `datasets.Dataset`'s content (every column's Arrow buffers, images included, and the index
+    mapping a `select`, `filter` or `shuffle` leaves), recorded with a run so that a resume on other data is refused;
+    None for data it cannot read whole (an `IterableDataset`, a plain list)."""
+    import hashlib
+
+    table = getattr(getattr(dataset, "data", None), "table", None)
+    if table is None or not hasattr(dataset, "_indices"):
+        return None
+    hasher = hashlib.blake2b(digest_size=16)
+    hasher.update(f"{dataset.num_rows}".encode())
+    arrays = [(name, table.column(name)) for name in sorted(table.column_names)]
+    if dataset._indices is not None:
+        arrays.append(("<indices>", dataset._indices.table.column(0)))
+    for name, column in arrays:
+        hasher.update(name.encode("utf-8"))
+        for chunk in column.chunks:
+            hasher.update(f"{chunk.offset}:{len(chunk)}".encode())
+            for buffer in chunk.buffers():
+                if buffer is not None:
+                    hasher.update(memoryview(buffer))
+    return hasher.hexdigest()
+
+
 def previous_run_files(folder: Path) -> list[str]:
     """The files and checkpoints of an earlier training run in `folder` (empty when there is none)."""
     if not folder.is_dir():
@@ -935,11 +959,20 @@ class LavitSFTTrainer(SFTTrainer):
                 shutil.rmtree(checkpoint)
         if self.is_world_process_zero():
             folder.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(run_settings(self.args), folder / RUN_RECORD)
+            write_json_atomic({**run_settings(self.args), "train_data": self._train_data_digest()}, folder / RUN_RECORD)
         self.accelerator.wait_for_everyone()
+
+    def _train_data_digest(self) -> str | None:
+        if not hasattr(self, "_data_digest"):
+            self._data_digest = dataset_digest(self.train_dataset)
+        return self._data_digest
 
     def _output_dir_problem(self, resume: str | None) -> str | None:
         folder = Path(self.args.output_dir)
+        source = getattr(unwrap_lavit(self.model).config, "_name_or_path", None) or ""
+        if source and os.path.isdir(source) and Path(source).resolve() == folder.resolve():
+            return (f"output_dir {folder} is the folder the model was loaded from: training there would overwrite the "
+                    "student in place (and overwrite_output_dir would delete its files). Choose another output_dir.")
         if resume is not None:
             # the record of the run the checkpoint belongs to: next to it, else in this output_dir
             records = [Path(resume).parent / RUN_RECORD, folder / RUN_RECORD]
@@ -947,6 +980,11 @@ class LavitSFTTrainer(SFTTrainer):
             if record is None:
                 return None
             before, now = json.loads(record.read_text(encoding="utf-8")), run_settings(self.args)
+            data_then, data_now = before.pop("train_data", None), self._train_data_digest()
+            if data_then is not None and data_now is not None and data_then != data_now:
+                return (f"Resuming {resume} on other training data than its run had (content digest {data_then} "
+                        f"then, {data_now} now): the result would be trained on neither dataset. Resume with the "
+                        "run's own dataset, or start a new output_dir.")
             changed = changed_settings(before, now, ignore=RESUME_MAY_CHANGE)
             if changed:
                 return (f"Resuming {resume} with other settings than its run had (they differ in {changed}): the "

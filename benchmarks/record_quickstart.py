@@ -79,7 +79,7 @@ def acceptance(results: dict) -> dict:
 
 def runs_body(runs: list[tuple[str, dict]]) -> str:
     """One row per finished run and the range over them."""
-    lines = ["| task seed | teacher on validation | kept | student base | Naive SFT | LaViT | lead (2 x larger seed "
+    lines = ["| task seed | teacher on validation | kept (answers) | student base | Naive SFT | LaViT | lead (2 x larger seed "
              "std) | gap closed | shuffled drop (points) | stages s | all three conditions |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     checks = []
@@ -92,7 +92,9 @@ def runs_body(runs: list[tuple[str, dict]]) -> str:
         ok = check["lead_clear"] and check["gap_ok"] and check["shuffled_ok"]
         lines.append(
             f"| {results['settings']['seed']} | {results['teacher']['val_accuracy']:.1f}% at step "
-            f"{results['teacher']['steps']} | {results['dataset']['kept']} | "
+            f"{results['teacher']['steps']} | {results['dataset']['kept']} ("
+            + ", ".join(f"{option} {count}" for option, count in (results["dataset"].get("kept_answers") or {}).items())
+            + ") | "
             f"{report_lavit.fmt(methods['student base']['accuracy'])} | {report_lavit.fmt(methods['naive_sft']['accuracy'])} | "
             f"{report_lavit.fmt(methods['lavit']['accuracy'])} | {check['lead']:+.1f} ({check['twice_spread']:.1f}) | "
             f"{100 * check['gap_closed']:.0f}% ± {100 * results['gap_closed']['std']:.0f}% | "

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """LaViT end to end on a CPU (`make demo`): every stage of `quickstart_lavit`, from the synthetic task to the report.
 
-    python examples/quickstart.py --output-dir quickstart_output     # the default run (make demo), 10-16 minutes
+    python examples/quickstart.py --output-dir quickstart_output     # the default run (make demo), about 16 minutes
     python examples/quickstart.py --output-dir quickstart_output --ablations   # adds Table 3's rows, ~6 minutes more
     python examples/quickstart.py --output-dir quickstart-smoke --smoke   # every stage at toy size, under a minute
 

@@ -24,7 +24,7 @@ import logging
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from cli_lavit import checkpoint_model_type
+from cli_lavit import check_output_dir, checkpoint_model_type
 from data_lavit import load_lavit_dataset
 from trainer_lavit import LavitSFTConfig, LavitSFTTrainer, lavit_lora_config
 
@@ -37,6 +37,10 @@ def main(argv=None) -> None:
         raise SystemExit("--model_name_or_path: a LaViT student (examples/convert_qwen2_5_vl.py makes one).")
     if script_args.dataset_name is None:
         raise SystemExit("--dataset_name: a LaViT-15K folder or hub id (examples/build_lavit_dataset.py builds one).")
+    try:  # the student's own folder would be overwritten (and overwrite_output_dir would delete it)
+        check_output_dir(training_args.output_dir, model_args.model_name_or_path, "--output_dir")
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
     try:  # before anything is loaded: a stock checkpoint would fail deep in its video processor otherwise
         model_type = checkpoint_model_type(model_args.model_name_or_path)
     except ValueError as err:

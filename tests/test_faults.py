@@ -324,6 +324,41 @@ def test_another_runs_folder_is_refused_unless_resumed_or_overwritten(lavit_dir,
         trainer_for(lavit_dir, processor, tmp_path / "empty", lavit15k_with(4)).train(resume_from_checkpoint=True)
 
 
+def test_a_resume_on_other_data_is_refused(lavit_dir, processor, tmp_path):
+    """Issue 23, item 2: the run's record holds its training data's content digest; a resume on other rows (another
+    dataset, or the same one rebuilt with another answer) is refused, the same rows (loaded again) resume."""
+    from trainer_lavit import dataset_digest
+
+    out = tmp_path / "run"
+    trainer_for(lavit_dir, processor, out, lavit15k_with(4), max_steps=2).train()
+    assert json.loads((out / "lavit_run.json").read_text())["train_data"] == dataset_digest(lavit15k_with(4))
+
+    def other_answer(rows):
+        rows[1]["answer"] = "purple"
+
+    for other in (lavit15k_with(6), lavit15k_with(4, other_answer), lavit15k_with(4).select([0, 1, 3, 2])):
+        with pytest.raises(ValueError, match=r"Resuming .*checkpoint-2 on other training data than its run had"):
+            trainer_for(lavit_dir, processor, out, other, max_steps=3).train(resume_from_checkpoint="true")
+    resumed = trainer_for(lavit_dir, processor, out, lavit15k_with(4), max_steps=3)
+    resumed.train(resume_from_checkpoint="true")
+    assert resumed.state.global_step == 3
+    assert dataset_digest([{"a": 1}]) is None  # data it cannot read whole: no claim
+
+
+def test_training_into_the_models_own_folder_is_refused(lavit_dir, processor, tmp_path, finished):
+    """Issue 23: --output_dir equal to --model_name_or_path would overwrite the student (overwrite_output_dir would
+    delete it): refused by the train script and by the trainer, before anything is written."""
+    student = tmp_path / "student"
+    shutil.copytree(lavit_dir, student)
+    before = sorted(p.name for p in student.iterdir())
+    with pytest.raises(SystemExit, match=r"--output_dir .*student is the input checkpoint's folder"):
+        example("train_lavit").main(["--model_name_or_path", str(student), "--dataset_name", str(finished[1]),
+                                     "--output_dir", str(student), "--use_cpu", "true"])
+    with pytest.raises(ValueError, match=r"is the folder the model was loaded from: training there would overwrite"):
+        trainer_for(str(student), processor, student, lavit15k_with(2), overwrite_output_dir=True).train()
+    assert sorted(p.name for p in student.iterdir()) == before
+
+
 def example(script: str):
     import importlib
 

@@ -186,7 +186,7 @@ def test_record_of_several_task_seeds_checks_each_run(tmp_path):
     weak = summarise(args_for(2, tmp_path), stages_of([50.0, 60.0], [58.0, 66.0], [50.0, 60.0]))
     assert record_quickstart.acceptance(weak)["lead_clear"] is False  # +7 within 2 x 5
     body = record_quickstart.runs_body([("a", good), ("b", weak)])
-    assert "| 0 | 90.0% at step 1000 | 120 | 40.0 | 55.0 ± 5.0 | 72.5 ± 2.5 | +17.5 (10.0) | 50% ± 0% | 17.5 ± 12.5 |" \
+    assert "| 0 | 90.0% at step 1000 | 120 (A 20, B 40, C 30, D 30) | 40.0 | 55.0 ± 5.0 | 72.5 ± 2.5 | +17.5 (10.0) | 50% ± 0% | 17.5 ± 12.5 |" \
         in body
     assert "lead 7.0 to 17.5 points, gap closed 20 to 50%" in body and "all three conditions hold in 1 of 2 runs" in body
     with pytest.raises(SystemExit, match="smoke"):
