@@ -92,7 +92,8 @@ def main(argv=None) -> None:
             plain, cache = statistics.median(gaps[False]), statistics.median(gaps[True])
             rows.append(f"| {name} | {1000 * plain:.1f} | {1000 * cache:.1f} | {cache / plain:.3f} | "
                         f"{1000 * statistics.median(first[True]):.1f} |")
-    body = (f"The quickstart's students (batch {args.batch_size}, {kept} kept samples of the run at `{args.run}`: "
+    body = (f"The quickstart's students (batch {args.batch_size}, {kept} kept samples of the run "
+            f"`{Path(args.run).name}`: "
             f"{epoch} steps an epoch), {args.steps} steps per training, two trainings per setting interleaved "
             "(uncached, cached, cached, uncached). Step time: the median wall time between consecutive optimizer "
             "steps after the first epoch (loading and collating the batch, forward, backward, optimizer).\n\n"
