@@ -497,19 +497,28 @@ def labelled_token_outputs(
     keep = targets != ignore_index
     logits = lm_head(hidden_states[:, :-1][keep]).float()  # (n, vocab)
     wanted = targets[keep]
-    if loss_type == "nll":
-        total = F.cross_entropy(logits, wanted, reduction="sum")
-    else:
-        per_token = F.cross_entropy(logits, wanted, reduction="none")
-        total = (per_token * torch.exp(-per_token).detach()).sum()
+    total = summed_token_loss(logits, wanted, loss_type)
     divisor = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp_min(1)
     if torch.is_tensor(divisor):
         divisor = divisor.to(total.device)
-    with torch.no_grad():
-        log_probs = logits.log_softmax(dim=-1)
-        entropy = -(log_probs.exp() * log_probs).sum(dim=-1).sum()
-        top1 = (logits.argmax(dim=-1) == wanted).sum()
-    return total / divisor, keep.sum(), entropy, top1
+    return total / divisor, keep.sum(), *token_statistics(logits, wanted)
+
+
+def summed_token_loss(logits: torch.Tensor, targets: torch.Tensor, loss_type: str = "nll") -> torch.Tensor:
+    """The summed next-token loss of `(n, vocab)` logits against `(n,)` labels: cross-entropy ("nll"), or each
+    token's cross-entropy weighted by its probability without gradient through the weight ("dft")."""
+    if loss_type == "nll":
+        return F.cross_entropy(logits, targets, reduction="sum")
+    per_token = F.cross_entropy(logits, targets, reduction="none")
+    return (per_token * torch.exp(-per_token).detach()).sum()
+
+
+@torch.no_grad()
+def token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(summed entropy of the predictions, how many labels are the top-1 prediction)` of `(n, vocab)` logits
+    against `(n,)` labels: what TRL's `entropy` and `mean_token_accuracy` average."""
+    log_probs = logits.float().log_softmax(dim=-1)
+    return -(log_probs.exp() * log_probs).sum(), (logits.argmax(dim=-1) == targets).sum()
 
 
 def labelled_token_loss(
@@ -1105,6 +1114,8 @@ __all__ = [
     "trajectory_loss",
     "labelled_token_loss",
     "labelled_token_outputs",
+    "summed_token_loss",
+    "token_statistics",
     "TOKEN_LOSS_TYPES",
     "find_latent_tokens",
     "padded_positions",

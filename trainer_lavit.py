@@ -37,7 +37,14 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 from cli_lavit import changed_settings
 from configuration_lavit import parse_latent_layers, resolve_latent_layers
 from data_lavit import gaze_topk_weights, merged_token_grids, open_image, resize_gaze, write_json_atomic
-from modeling_lavit import LAVIT_ATTENTION, LavitForConditionalGeneration, concept_loss, trajectory_loss
+from modeling_lavit import (
+    LAVIT_ATTENTION,
+    LavitForConditionalGeneration,
+    concept_loss,
+    summed_token_loss,
+    token_statistics,
+    trajectory_loss,
+)
 from processing_lavit import LavitProcessor, add_latent_tokens_to_chat_template, set_default_system_prompt
 
 
@@ -833,6 +840,13 @@ class LavitSFTTrainer(SFTTrainer):
         if preprocessing_cache is not None and data_collator is not None:
             raise ValueError("preprocessing_cache is used by LaViT's own collator, but a data_collator was given; pass "
                              "the cache to that collator (LavitDataCollator(..., cache=...)) instead.")
+        budget = int(args.cache_preprocessing_max_gb * 2**30)
+        if preprocessing_cache is not None and preprocessing_cache.max_bytes != budget:
+            raise ValueError(
+                f"cache_preprocessing_max_gb={args.cache_preprocessing_max_gb} differs from the budget of the "
+                f"preprocessing_cache given ({preprocessing_cache.max_bytes / 2**30:g} GB), the one used; make them "
+                "equal (or leave preprocessing_cache out)."
+            )
         if args.cache_preprocessing and data_collator is not None and getattr(data_collator, "cache", None) is None:
             raise ValueError("cache_preprocessing applies to LaViT's own collator, but a data_collator without a cache "
                              "was given; give that collator a PreprocessingCache (LavitDataCollator(..., cache=...)), "
@@ -1094,14 +1108,9 @@ class LavitSFTTrainer(SFTTrainer):
         else:
             ntp = outputs.loss  # the model's labelled-token loss of loss_type, over num_items_in_batch
         if outputs.label_count is None:  # the forward built the logits: the statistics from them
-            with torch.no_grad():
-                targets = labels[:, 1:].to(outputs.logits.device)
-                keep = targets != -100
-                logits = outputs.logits[:, :-1][keep].float()
-                log_probs = logits.log_softmax(dim=-1)
-                count = keep.sum()
-                entropy = -(log_probs.exp() * log_probs).sum()
-                top1 = (logits.argmax(dim=-1) == targets[keep]).sum()
+            logits, targets = labelled_logits(outputs.logits, labels)
+            count = targets.new_tensor(targets.numel())
+            entropy, top1 = token_statistics(logits, targets)
         else:
             count, entropy, top1 = outputs.label_count, outputs.label_entropy_sum, outputs.label_top1_count
         steps, ntp_value = 1, ntp
@@ -1171,15 +1180,19 @@ class LavitSFTTrainer(SFTTrainer):
         return loss.detach(), outputs.logits, labels
 
 
-def dft_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """TRL's "dft" loss from full logits: each next-token cross-entropy weighted by the label's probability (without
-    gradient through the weight), summed over the labelled tokens and divided by `num_items_in_batch` (default: their
-    count)."""
+def labelled_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(n, vocab)` float logits of the positions whose next token is labelled, and those `(n,)` labels."""
     targets = labels[:, 1:].to(logits.device)
     keep = targets != -100
-    per_token = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none")
-    divisor = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp_min(1)
-    return (per_token * torch.exp(-per_token).detach()).sum() / divisor
+    return logits[:, :-1][keep].float(), targets[keep]
+
+
+def dft_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """TRL's "dft" loss from full logits (`modeling_lavit.summed_token_loss`) over `num_items_in_batch` (default:
+    the labelled tokens)."""
+    kept, targets = labelled_logits(logits, labels)
+    divisor = num_items_in_batch if num_items_in_batch is not None else max(1, targets.numel())
+    return summed_token_loss(kept, targets, "dft") / divisor
 
 
 def _eval_sets_by_name(eval_dataset) -> list[tuple[str, Any]]:

@@ -265,6 +265,10 @@ def test_preprocessing_cache_settings_are_not_ignored(lavit_dir, processor, tmp_
     with pytest.raises(ValueError, match="a data_collator without a cache"):
         LavitSFTTrainer(model=model, args=tiny_args(tmp_path, cache_preprocessing=True), train_dataset=dataset,
                         processing_class=processor, data_collator=LavitDataCollator(processor))
+    with pytest.raises(ValueError, match=r"cache_preprocessing_max_gb=4.0 differs from the budget of the "
+                                         r"preprocessing_cache given \(2 GB\)"):
+        LavitSFTTrainer(model=model, args=tiny_args(tmp_path, cache_preprocessing=True), train_dataset=dataset,
+                        processing_class=processor, preprocessing_cache=PreprocessingCache(max_gb=2))
     with pytest.raises(ValueError, match="cache_preprocessing_max_gb must be positive"):
         tiny_args(tmp_path, cache_preprocessing=True, cache_preprocessing_max_gb=0)
 
